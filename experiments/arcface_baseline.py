@@ -1,0 +1,14 @@
+"""ArcFace: plain ensemble of K = 3 (per-member class weights).
+
+  python -m faceens.train --config=experiments/arcface_baseline.py:demo --workdir=runs/arcface_baseline
+  python -m faceens.train --config=experiments/arcface_baseline.py --config.data.root=DIR --workdir=...
+
+Variants: full (default; the paper recipe on MS1MV2, 20 epochs of 5.8M images: days on one GPU),
+demo (bundled ORL faces, minutes on a 2-core CPU), test (seconds).
+"""
+
+from faceens.configs import method_config
+
+
+def get_config(variant=None):
+  return method_config("baseline", "arcface", variant)

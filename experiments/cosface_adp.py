@@ -1,0 +1,14 @@
+"""CosFace: ensemble + ADP (Pang et al. 2019), (alpha, beta) = (2, 0.5); grid: --config.adp.beta=10 or 50.
+
+  python -m faceens.train --config=experiments/cosface_adp.py:demo --workdir=runs/cosface_adp
+  python -m faceens.train --config=experiments/cosface_adp.py --config.data.root=DIR --workdir=...
+
+Variants: full (default; the paper recipe on MS1MV2, 20 epochs of 5.8M images: days on one GPU),
+demo (bundled ORL faces, minutes on a 2-core CPU), test (seconds).
+"""
+
+from faceens.configs import method_config
+
+
+def get_config(variant=None):
+  return method_config("adp", "cosface", variant)

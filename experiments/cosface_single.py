@@ -1,0 +1,14 @@
+"""CosFace: single model (K = 1).
+
+  python -m faceens.train --config=experiments/cosface_single.py:demo --workdir=runs/cosface_single
+  python -m faceens.train --config=experiments/cosface_single.py --config.data.root=DIR --workdir=...
+
+Variants: full (default; the paper recipe on MS1MV2, 20 epochs of 5.8M images: days on one GPU),
+demo (bundled ORL faces, minutes on a 2-core CPU), test (seconds).
+"""
+
+from faceens.configs import method_config
+
+
+def get_config(variant=None):
+  return method_config("single", "cosface", variant)

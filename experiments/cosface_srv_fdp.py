@@ -1,0 +1,14 @@
+"""CosFace: SRV + FDP, gamma = 10: the paper's method.
+
+  python -m faceens.train --config=experiments/cosface_srv_fdp.py:demo --workdir=runs/cosface_srv_fdp
+  python -m faceens.train --config=experiments/cosface_srv_fdp.py --config.data.root=DIR --workdir=...
+
+Variants: full (default; the paper recipe on MS1MV2, 20 epochs of 5.8M images: days on one GPU),
+demo (bundled ORL faces, minutes on a 2-core CPU), test (seconds).
+"""
+
+from faceens.configs import method_config
+
+
+def get_config(variant=None):
+  return method_config("srv_fdp", "cosface", variant)

@@ -1,0 +1,500 @@
+"""Training of K-member MobileFaceNet ensembles: ``python -m faceens.train --config=... --workdir=DIR``.
+
+  python -m faceens.train --config=experiments/arcface_srv_fdp.py:demo --workdir=runs/srv_fdp
+  python -m faceens.train --config=experiments/arcface_srv_fdp.py --config.data.root=faces_emore ...
+
+One pure, jitted ``train_step(state, batch) -> (state, metrics)``; data parallel over every device
+of a ``jax.sharding.Mesh`` (batch sharded on the ``data`` axis, parameters replicated; XLA inserts
+the gradient all-reduce and computes BatchNorm statistics over the global batch). Multi-host:
+call with ``--distributed`` on every host (``jax.distributed.initialize``); each host feeds its
+slice of the global batch.
+
+Writes to DIR: ``checkpoints/`` (orbax; every ``train.checkpoint_every`` steps and at the end; a
+restarted run resumes from the latest and ends bit-identical to an uninterrupted one),
+``config.json``, ``metrics.jsonl`` (one line per log step) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from faceens import configs, heads, losses, verification
+from faceens.data import demo as demo_data
+from faceens.data import image_folder
+from faceens.data.sampler import EpochSampler
+from faceens.models import ensemble
+from faceens.models.ensemble import l2_normalize
+from faceens.models.mobilefacenet import MobileFaceNet
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any        # {"backbone": stacked [K, ...] params, "head": [d, n] (SRV) or [K, d, n]}
+  batch_stats: Any   # stacked [K, ...]
+  opt_state: Any
+  rng: jax.Array     # raw uint32[2] key; dropout key of step t = fold_in(rng, t)
+
+
+# ----------------------------------------------------------------------------- model & optimizer
+
+
+def build_model(c: ml_collections.ConfigDict) -> MobileFaceNet:
+  return MobileFaceNet(
+      embedding_dim=c.model.embedding_dim, width=c.model.width, blocks=tuple(c.model.blocks),
+      head=c.model.head, dropout=c.model.dropout, depthwise_impl=c.model.depthwise_impl,
+      dtype=jnp.bfloat16 if c.model.dtype == "bfloat16" else jnp.float32)
+
+
+def total_steps(c, steps_per_epoch: int) -> int:
+  return int(c.train.steps) if c.train.steps > 0 else int(c.train.epochs * steps_per_epoch)
+
+
+def learning_rate_schedule(c, num_steps: int):
+  """Piecewise-constant decay at fractions ``optim.decay_at`` of training, optional linear warmup."""
+  boundaries = {int(round(f * num_steps)): c.optim.decay_factor for f in c.optim.decay_at}
+  sched = optax.piecewise_constant_schedule(c.optim.lr, boundaries)
+  if c.optim.warmup_steps > 0:
+    warm = optax.linear_schedule(0.0, c.optim.lr, c.optim.warmup_steps)
+    sched = optax.join_schedules([warm, sched], [c.optim.warmup_steps])
+  return sched
+
+
+def make_optimizer(c, num_steps: int) -> optax.GradientTransformation:
+  sched = learning_rate_schedule(c, num_steps)
+  parts = []
+  if c.optim.clip_norm and c.optim.clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(c.optim.clip_norm))
+  if c.optim.name == "sgd":
+    # PyTorch SGD semantics (what ArcFace uses): grad + wd * p, then momentum.
+    parts += [optax.add_decayed_weights(c.optim.weight_decay),
+              optax.sgd(sched, momentum=c.optim.momentum)]
+  elif c.optim.name == "adam":
+    parts += [optax.add_decayed_weights(c.optim.weight_decay), optax.adam(sched)]
+  else:
+    parts.append(optax.adamw(sched, weight_decay=c.optim.weight_decay))
+  return optax.chain(*parts)
+
+
+def create_train_state(c, num_classes: int, optimizer) -> TrainState:
+  spec = losses.method_spec(c.method)
+  model = build_model(c)
+  key = jax.random.PRNGKey(c.seed)
+  k_model, k_head, k_rng = jax.random.split(key, 3)
+  sample = jnp.zeros((1, c.data.image_size, c.data.image_size, 3), jnp.float32)
+  variables = ensemble.init_members(model, k_model, c.ensemble.num_members, sample)
+  params = {
+      "backbone": variables["params"],
+      "head": heads.init_class_weights(k_head, c.ensemble.num_members, c.model.embedding_dim,
+                                       num_classes, srv=spec.srv),
+  }
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables["batch_stats"], opt_state=optimizer.init(params),
+                    rng=k_rng)
+
+
+def normalize_images(images):
+  """uint8 ``[B, H, W, 3]`` -> float ``(x / 255 - 0.5) / 0.5`` (InsightFace)."""
+  return (images.astype(jnp.float32) / 255.0 - 0.5) / 0.5
+
+
+# ----------------------------------------------------------------------------- MTER (AdvT)
+
+
+def craft_mter(apply_eval, pixels, target_features, c):
+  """I-FGSM sign steps in [0, 1] pixel space pulling f~(x) towards ``target_features`` (MTER).
+
+  ``apply_eval(x_normalised) -> [1, B, d]``; L_inf ball ``advt.epsilon`` around the source.
+  """
+  tgt = jax.lax.stop_gradient(l2_normalize(target_features))
+
+  def dist(p):
+    f = l2_normalize(apply_eval((p - 0.5) / 0.5)[0])
+    return jnp.sum(jnp.square(f - tgt))
+
+  grad = jax.grad(dist)
+
+  def body(_, p):
+    p = p - c.advt.step_size * jnp.sign(grad(p))
+    p = jnp.clip(p, pixels - c.advt.epsilon, pixels + c.advt.epsilon)
+    return jnp.clip(p, 0.0, 1.0)
+
+  return jax.lax.stop_gradient(jax.lax.fori_loop(0, c.advt.iters, body, pixels))
+
+
+# ----------------------------------------------------------------------------- train step
+
+
+def make_train_step(c, model: nn.Module, optimizer):
+  """Returns the pure ``train_step(state, images_uint8, labels) -> (state, metrics)``."""
+  loss_cfg = configs.loss_config(c)
+  spec = losses.method_spec(c.method)
+  strategy = c.ensemble.strategy
+
+  def loss_fn(params, batch_stats, images, labels, rng):
+    x = normalize_images(images)
+    variables = {"params": params["backbone"], "batch_stats": batch_stats}
+    feats, new_stats = ensemble.apply_members(model, variables, x, train=True, rng=rng,
+                                              strategy=strategy)
+    loss, aux = losses.ensemble_loss(feats, params["head"], labels, loss_cfg)
+    if spec.adversarial:
+      apply_eval = lambda z: ensemble.apply_members(model, variables, z, strategy=strategy)  # noqa: E731
+      # Target: the next example's feature; pairs of the same identity are masked out.
+      tgt_labels = jnp.roll(labels, 1)
+      f_tar = jnp.roll(feats[0], 1, axis=0)
+      pixels = images.astype(jnp.float32) / 255.0
+      adv = craft_mter(apply_eval, pixels, f_tar, c)
+      f_adv, _ = ensemble.apply_members(model, variables, (adv - 0.5) / 0.5, train=True,
+                                        rng=jax.random.fold_in(rng, 7919), strategy=strategy)
+      valid = (tgt_labels != labels).astype(jnp.float32)
+      mter = losses.mter_loss(f_adv[0], feats[0], f_tar, c.advt.margin, valid)
+      loss = loss + c.advt.weight * mter
+      aux = dict(aux, reg=-c.advt.weight * mter)
+    return loss, (aux, new_stats)
+
+  def train_step(state: TrainState, images, labels):
+    rng = jax.random.fold_in(state.rng, state.step)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (aux, new_stats)), grads = grad_fn(state.params, state.batch_stats, images, labels, rng)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "ce": aux["ce"], "reg": aux["reg"], "accuracy": aux["accuracy"],
+               "grad_norm": optax.global_norm(grads)}
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_mesh(devices=None) -> Mesh:
+  devices = np.asarray(devices if devices is not None else jax.devices())
+  return Mesh(devices.reshape(-1), ("data",))
+
+
+def shard_train_step(train_step, mesh: Mesh, state: TrainState):
+  """jit with the batch sharded over ``data`` and the state replicated on every device."""
+  replicated = NamedSharding(mesh, P())
+  batch = NamedSharding(mesh, P("data"))
+  state_sharding = jax.tree.map(lambda _: replicated, state)
+  return jax.jit(train_step, in_shardings=(state_sharding, batch, batch),
+                 out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+
+
+def put_batch(mesh: Mesh, images: np.ndarray, labels: np.ndarray):
+  """This host's batch slice -> global arrays sharded over ``data``."""
+  sharding = NamedSharding(mesh, P("data"))
+  return (jax.make_array_from_process_local_data(sharding, images),
+          jax.make_array_from_process_local_data(sharding, labels))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+MS1MV2_HELP = (
+    "MS1MV2 (InsightFace 'faces_emore': train.rec, train.idx, property, lfw.bin, cfp_fp.bin, "
+    "agedb_30.bin) is expected in the directory given by --config.data.root. Download it from "
+    "InsightFace's dataset page (recognition/_datasets_) and unpack it there. To try faceens "
+    "without it, run the ':demo' variant, which trains on the bundled ORL faces, e.g. "
+    "python -m faceens.train --config=experiments/arcface_srv_fdp.py:demo --workdir=runs/demo")
+
+
+def load_datasets(c):
+  """Returns ``(train FaceSet, heldout FaceSet or None)`` for the configured data."""
+  size, fit, skip = c.data.image_size, c.data.fit, c.data.skip_bad
+  if c.data.kind == "orl":
+    root = c.data.root or demo_data.orl_root()
+    train = image_folder.load_image_folder(root, size, fit, demo_data.TRAIN_IDENTITIES, skip)
+    held = image_folder.load_image_folder(root, size, fit, demo_data.HELDOUT_IDENTITIES, skip)
+    return train, held
+  if c.data.kind == "image_folder":
+    if not c.data.root:
+      raise ValueError("config field data.root is empty; set --config.data.root=DIR with "
+                       "DIR/<identity>/<image>.{jpg,png,pgm}")
+    train = image_folder.load_image_folder(c.data.root, size, fit, skip_bad=skip)
+    held = (image_folder.load_image_folder(c.data.heldout_root, size, fit, skip_bad=skip)
+            if c.data.heldout_root else None)
+    return train, held
+  root = c.data.root
+  if not root or not os.path.exists(os.path.join(root, "train.rec")):
+    where = f"'{root}'" if root else "(data.root is not set)"
+    raise FileNotFoundError(f"MS1MV2 training data not found at {where}. {MS1MV2_HELP}")
+  raise NotImplementedError(
+      f"found {os.path.join(root, 'train.rec')}, but this version of faceens cannot read "
+      "RecordIO yet; convert the data to an image folder (root/<identity>/*.jpg) and use "
+      "--config.data.kind=image_folder")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def make_embed_fn(c, model):
+  strategy = c.ensemble.strategy
+
+  @jax.jit
+  def embed(variables, images):
+    return ensemble.apply_members(model, variables, normalize_images(images), strategy=strategy)
+
+  return embed
+
+
+def embed_all(embed, variables, images: np.ndarray, batch: int = 64) -> np.ndarray:
+  """Member features ``[K, N, d]`` of uint8 images, in fixed-size batches (one compilation)."""
+  outs = []
+  n = len(images)
+  for i in range(0, n, batch):
+    chunk = images[i:i + batch]
+    pad = batch - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+    outs.append(np.asarray(embed(variables, chunk))[:, :batch - pad])
+  return np.concatenate(outs, axis=1)
+
+
+def heldout_verification(c, embed, variables, held: image_folder.FaceSet) -> dict:
+  """10-fold verification accuracy on balanced genuine/impostor pairs of held-out identities."""
+  feats = embed_all(embed, variables, held.images)
+  pairs, issame = demo_data.balanced_pairs(held.labels, seed=c.train.heldout_pairs_seed)
+  feats = jnp.asarray(feats)
+  emb = np.asarray(ensemble.ensemble_embedding(feats))
+  acc, std, thr = verification.kfold_accuracy(verification.pair_distances(emb, pairs), issame)
+  members = []
+  for k in range(feats.shape[0]):
+    mk = np.asarray(l2_normalize(feats[k]))
+    members.append(verification.kfold_accuracy(verification.pair_distances(mk, pairs), issame)[0])
+  return {"heldout_accuracy": acc, "heldout_accuracy_std": std, "heldout_threshold": thr,
+          "heldout_member_accuracy": members, "heldout_pairs": int(len(issame))}
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def _checkpoint_manager(workdir: str, c):
+  import orbax.checkpoint as ocp
+  options = ocp.CheckpointManagerOptions(save_interval_steps=c.train.checkpoint_every,
+                                         max_to_keep=c.train.keep_checkpoints, create=True)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                               options=options)
+
+
+def restore_or_init(mngr, state: TrainState) -> TrainState:
+  import orbax.checkpoint as ocp
+  latest = mngr.latest_step()
+  if latest is None:
+    return state
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  restored = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
+  logging.info("resumed from checkpoint at step %d", latest)
+  return restored
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+  """Drops metric lines logged after the checkpoint a resumed run restarts from."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= step]
+  with open(path, "w") as f:
+    f.writelines(lines)
+
+
+def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
+                       progress: bool = True) -> dict:
+  """Trains (resuming from ``workdir`` if it holds checkpoints), evaluates, writes summary.json.
+
+  ``stop_after``: stop after this many steps as if the process were killed (for resume tests):
+  nothing is saved beyond the regular checkpoints and no summary is written.
+  """
+  configs.validate(c)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  train_set, held = load_datasets(c)
+  if c.train.batch_size > len(train_set):
+    raise ValueError(f"config field train.batch_size = {c.train.batch_size} exceeds the "
+                     f"{len(train_set)} training images")
+  mesh = make_mesh()
+  if c.train.batch_size % mesh.size:
+    raise ValueError(f"config field train.batch_size = {c.train.batch_size} must be divisible "
+                     f"by the number of devices ({mesh.size})")
+  sampler = EpochSampler(len(train_set), c.train.batch_size, c.seed,
+                         jax.process_index(), jax.process_count())
+  num_steps = total_steps(c, sampler.steps_per_epoch)
+  optimizer = make_optimizer(c, num_steps)
+  model = build_model(c)
+  state = create_train_state(c, train_set.num_classes, optimizer)
+  mngr = _checkpoint_manager(workdir, c)
+  state = restore_or_init(mngr, state)
+  start = int(state.step)
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+  step_fn = shard_train_step(make_train_step(c, model, optimizer), mesh, state)
+
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(c.to_json_best_effort(indent=2))
+    _truncate_metrics(metrics_path, start)
+  n_params = sum(x.size for x in jax.tree.leaves(state.params["backbone"]))
+  if is_main and progress:
+    print("method=%s loss=%s K=%d backbone params=%.2fM (%.2fM per member) train images=%d "
+          "classes=%d steps=%d (from %d) devices=%d" % (c.method, c.loss.name, c.ensemble.num_members,
+               n_params / 1e6, n_params / 1e6 / c.ensemble.num_members, len(train_set),
+          train_set.num_classes, num_steps, start, mesh.size), flush=True)
+
+  from tqdm import tqdm
+  bar = tqdm(total=num_steps, initial=start, disable=not (progress and is_main), unit="step",
+             dynamic_ncols=True, desc=f"{c.loss.name}_{c.method}")
+  t_loop = time.perf_counter()
+  t_window, n_window, steady_images, steady_time = time.perf_counter(), 0, 0, 0.0
+  compiled_at = None
+  last = {}
+  metrics = None
+  for step in range(start, num_steps):
+    images, labels = sampler.local_batch(train_set.images, train_set.labels, step, c.data.flip)
+    images, labels = put_batch(mesh, images, labels)
+    state, metrics = step_fn(state, images, labels)
+    n_window += c.train.batch_size
+    done = step + 1
+    if compiled_at is None:
+      jax.block_until_ready(metrics)
+      compiled_at = time.perf_counter()
+      t_window, n_window = compiled_at, 0
+    if done % c.train.log_every == 0 or done == num_steps:
+      m = jax.device_get(metrics)
+      now = time.perf_counter()
+      ips = n_window / max(now - t_window, 1e-9) if n_window else float("nan")
+      if n_window:
+        steady_images += n_window
+        steady_time += now - t_window
+      t_window, n_window = now, 0
+      last = {k: float(v) for k, v in m.items()}
+      if not math.isfinite(last["loss"]):
+        raise NonFiniteLossError(
+            f"loss became {last['loss']} at step {done} (ce={last['ce']}, reg={last['reg']}, "
+            f"grad_norm={last['grad_norm']}); lower optim.lr (now {c.optim.lr}) or the "
+            "regulariser weight (adp.beta / fdp.gamma), or check the input data")
+      lr = float(learning_rate_schedule(c, num_steps)(step))
+      record = {"step": done, "lr": lr, "img_per_s": ips, **last}
+      if is_main:
+        with open(metrics_path, "a") as f:
+          f.write(json.dumps(record) + "\n")
+      bar.set_postfix(loss=f"{last['loss']:.3f}", ce=f"{last['ce']:.3f}", reg=f"{last['reg']:.3f}",
+                      acc=f"{last['accuracy']:.2f}", img_s=f"{ips:.1f}")
+    bar.update(1)
+    mngr.save(done, args=_save_args(state), force=(done == num_steps))
+    if stop_after is not None and done >= stop_after:
+      mngr.wait_until_finished()
+      mngr.close()
+      bar.close()
+      return {"steps": done, "stopped": True}
+  mngr.wait_until_finished()
+  mngr.close()
+  bar.close()
+  train_seconds = time.perf_counter() - t_loop
+
+  summary = {
+      "method": c.method, "loss": c.loss.name, "variant": c.variant,
+      "num_members": c.ensemble.num_members, "steps": num_steps, "resumed_from": start,
+      "final_loss": last.get("loss", float("nan")), "final_ce": last.get("ce", float("nan")),
+      "final_reg": last.get("reg", float("nan")), "final_train_accuracy": last.get("accuracy"),
+      "train_seconds": train_seconds,
+      "img_per_s": steady_images / steady_time if steady_time > 0 else float("nan"),
+      "backbone_params": int(n_params), "devices": int(mesh.size), "backend": jax.default_backend(),
+      "heldout_accuracy": None,
+  }
+  if held is not None:
+    variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
+    summary.update(heldout_verification(c, make_embed_fn(c, model), variables, held))
+  if is_main:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  return summary
+
+
+def _save_args(state):
+  import orbax.checkpoint as ocp
+  return ocp.args.StandardSave(state)
+
+
+def load_state(c, workdir: str, num_classes: int) -> TrainState:
+  """The latest checkpointed state of a run (for evaluation and tests)."""
+  optimizer = make_optimizer(c, max(1, total_steps(c, 1)))
+  state = create_train_state(c, num_classes, optimizer)
+  mngr = _checkpoint_manager(workdir, c)
+  if mngr.latest_step() is None:
+    raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')}")
+  state = restore_or_init(mngr, state)
+  mngr.close()
+  return state
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _print_summary(summary: dict, workdir: str) -> None:
+  keys = ["method", "loss", "num_members", "steps", "final_loss", "train_seconds", "img_per_s",
+          "heldout_accuracy", "heldout_member_accuracy"]
+  print("\n" + "=" * 60)
+  for k in keys:
+    v = summary.get(k)
+    if isinstance(v, float):
+      v = f"{v:.4f}"
+    elif isinstance(v, list):
+      v = "[" + ", ".join(f"{x:.4f}" for x in v) + "]"
+    print(f"{k:>24}: {v}")
+  print(f"{'files':>24}: " + ", ".join(os.path.join(workdir, f) for f in
+                                     ("summary.json", "metrics.jsonl", "config.json", "checkpoints/")))
+  print("=" * 60)
+
+
+def main(argv):
+  from absl import flags
+  from absl import logging as absl_logging
+  del argv
+  FLAGS = flags.FLAGS
+  # orbax logs every save at INFO; keep the console to the progress bar and the summary.
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  if FLAGS.distributed:
+    jax.distributed.initialize()
+  c = FLAGS.config
+  try:
+    summary = train_and_evaluate(c, FLAGS.workdir)
+  except (ValueError, FileNotFoundError, NotImplementedError, image_folder.DataError,
+          NonFiniteLossError) as e:
+    raise SystemExit(f"error: {e}") from None
+  if jax.process_index() == 0:
+    _print_summary(summary, FLAGS.workdir)
+
+
+def _define_flags():
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "experiments/<loss>_<method>.py[:variant]",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics, summary)")
+  flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)
