@@ -368,9 +368,15 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
   last = {}
   metrics = None
   for step in range(start, num_steps):
-    images, labels = sampler.local_batch(train_set.images, train_set.labels, step, c.data.flip)
+    images, labels = sampler.local_batch(train_set.images, train_set.labels, step, c.data.flip,
+                                         c.data.max_shift)
     images, labels = put_batch(mesh, images, labels)
+    prev_metrics = metrics
     state, metrics = step_fn(state, images, labels)
+    if prev_metrics is not None:
+      # At most two steps in flight: the host prepares batch t + 1 while step t runs, and the
+      # progress bar and ETA follow real compute rather than asynchronous dispatch.
+      jax.block_until_ready(prev_metrics)
     n_window += c.train.batch_size
     done = step + 1
     if compiled_at is None:

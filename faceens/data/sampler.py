@@ -48,12 +48,35 @@ class EpochSampler:
     per = self.batch // self.process_count
     return slice(self.process_index * per, (self.process_index + 1) * per)
 
-  def local_batch(self, images: np.ndarray, labels: np.ndarray, step: int, flip: bool = True):
-    """This host's part of step ``step``'s batch: ``(uint8 images [b, H, W, 3], int32 labels)``."""
+  def shifts(self, step: int, max_shift: int) -> np.ndarray:
+    """Per-example random translations ``[B, 2]`` in ``[-max_shift, max_shift]`` (global batch)."""
+    rng = np.random.default_rng([self.seed, step, 2])
+    return rng.integers(-max_shift, max_shift + 1, size=(self.batch, 2))
+
+  def local_batch(self, images: np.ndarray, labels: np.ndarray, step: int, flip: bool = True,
+                  max_shift: int = 0):
+    """This host's part of step ``step``'s batch: ``(uint8 images [b, H, W, 3], int32 labels)``.
+
+    Augmentation, a pure function of ``(seed, step)``: random horizontal flip, and random
+    translation by up to ``max_shift`` pixels with zero fill (pad-and-crop).
+    """
     sl = self.local_slice()
     idx = self.global_indices(step)[sl]
     x = images[idx]
     if flip:
       f = self.flips(step)[sl]
       x = np.where(f[:, None, None, None], x[:, :, ::-1], x)
+    if max_shift > 0:
+      x = translate(x, self.shifts(step, max_shift)[sl])
     return np.ascontiguousarray(x), labels[idx].astype(np.int32)
+
+
+def translate(x: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+  """Shifts each image ``x[i]`` by ``shifts[i] = (dy, dx)`` pixels, filling with zeros."""
+  out = np.zeros_like(x)
+  h, w = x.shape[1:3]
+  for i, (dy, dx) in enumerate(shifts):
+    ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
+    xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
+    out[i, yd, xd] = x[i, ys, xs]
+  return out

@@ -1,0 +1,197 @@
+"""Train-step throughput: faceens (JAX) against the same network and loss in PyTorch, same machine.
+
+  python -m pip install -e ".[bench]"
+  python bench/train_step.py --out bench/results/train_step.json [--members 1,3] [--steps 5]
+
+MobileFaceNet width 1, blocks (1, 4, 6, 2), GDC head, d = 512, 112x112, batch 64, CosFace
+(s = 64, m = 0.35) over 1000 classes, SGD momentum 0.9 with weight decay 5e-4; K members with
+per-member class weights (the ``baseline`` method). JAX: one jitted ``train_step`` from
+``faceens.train``. PyTorch: InsightFace's ``arcface_torch`` MobileFaceNet written out below, eager,
+NCHW and channels_last, members in a Python loop, one optimizer. Median images/s over ``--steps``
+timed steps after compilation and one warm-up step. Writes JSON; prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+BATCH, SIZE, CLASSES = 64, 112, 1000
+
+
+# ----------------------------------------------------------------------------- JAX
+
+
+def bench_jax(members: int, steps: int, depthwise_impl: str = "auto", strategy: str = "auto"):
+  import jax
+  import jax.numpy as jnp
+  from faceens import configs, train
+
+  c = configs.method_config("single" if members == 1 else "baseline", "cosface", "full")
+  c.ensemble.num_members = members
+  c.model.head = "gdc"
+  c.model.depthwise_impl = depthwise_impl
+  c.ensemble.strategy = strategy
+  c.train.batch_size = BATCH
+  opt = train.make_optimizer(c, 1000)
+  model = train.build_model(c)
+  state = train.create_train_state(c, CLASSES, opt)
+  mesh = train.make_mesh()
+  step = train.shard_train_step(train.make_train_step(c, model, opt), mesh, state)
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8)
+  y = rng.integers(0, CLASSES, BATCH).astype(np.int32)
+  xb, yb = train.put_batch(mesh, x, y)
+  t0 = time.perf_counter()
+  state, m = step(state, xb, yb)
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t0
+  state, m = step(state, xb, yb)  # warm-up
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, m = step(state, xb, yb)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  assert np.isfinite(float(m["loss"]))
+  return {"img_per_s": BATCH / float(np.median(times)), "step_s": float(np.median(times)),
+          "compile_s": compile_s, "backend": jax.default_backend(),
+          "depthwise_impl": depthwise_impl, "strategy": strategy}
+
+
+# ----------------------------------------------------------------------------- PyTorch
+
+
+def torch_model(members: int):
+  import torch
+  from torch import nn
+
+  class ConvBlock(nn.Module):
+    def __init__(self, cin, cout, k=1, s=1, p=0, groups=1, act=True):
+      super().__init__()
+      layers = [nn.Conv2d(cin, cout, k, s, p, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+      if act:
+        layers.append(nn.PReLU(cout))
+      self.layers = nn.Sequential(*layers)
+
+    def forward(self, x):
+      return self.layers(x)
+
+  class DepthWise(nn.Module):
+    def __init__(self, cin, cout, hidden, s=1, residual=False):
+      super().__init__()
+      self.residual = residual
+      self.layers = nn.Sequential(ConvBlock(cin, hidden), ConvBlock(hidden, hidden, 3, s, 1, hidden),
+                                  ConvBlock(hidden, cout, act=False))
+
+    def forward(self, x):
+      return x + self.layers(x) if self.residual else self.layers(x)
+
+  class MobileFaceNet(nn.Module):
+    def __init__(self, blocks=(1, 4, 6, 2), d=512):
+      super().__init__()
+      layers = [ConvBlock(3, 64, 3, 2, 1), ConvBlock(64, 64, 3, 1, 1, groups=64)]
+      for cin, cout, hidden, n in ((64, 64, 128, blocks[1]), (64, 128, 256, blocks[2]),
+                                   (128, 128, 512, blocks[3])):
+        layers.append(DepthWise(cin, cout, hidden, 2))
+        layers += [DepthWise(cout, cout, hidden, 1, True) for _ in range(n)]
+      layers.append(ConvBlock(128, 512))
+      self.layers = nn.Sequential(*layers)
+      self.gdc = ConvBlock(512, 512, 7, 1, 0, groups=512, act=False)
+      self.fc = nn.Linear(512, d, bias=False)
+      self.bn = nn.BatchNorm1d(d)
+
+    def forward(self, x):
+      x = self.gdc(self.layers(x)).flatten(1)
+      return self.bn(self.fc(x))
+
+  class Ensemble(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.members = nn.ModuleList([MobileFaceNet() for _ in range(members)])
+      self.w = nn.Parameter(0.01 * torch.randn(members, 512, CLASSES))
+
+    def forward(self, x, y):
+      loss = 0.0
+      onehot = nn.functional.one_hot(y, CLASSES).float()
+      for k, m in enumerate(self.members):
+        f = nn.functional.normalize(m(x), dim=1)
+        cos = f @ nn.functional.normalize(self.w[k], dim=0)
+        logits = 64.0 * (cos - 0.35 * onehot)
+        loss = loss + nn.functional.cross_entropy(logits, y)
+      return loss
+
+  return Ensemble()
+
+
+def bench_torch(members: int, steps: int, channels_last: bool):
+  import torch
+  torch.manual_seed(0)
+  model = torch_model(members)
+  opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+  x = torch.randn(BATCH, 3, SIZE, SIZE)
+  y = torch.randint(0, CLASSES, (BATCH,))
+  if channels_last:
+    model = model.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+  model.train()
+
+  def one():
+    opt.zero_grad(set_to_none=True)
+    loss = model(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    opt.step()
+    return float(loss)
+
+  one()
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    one()
+    times.append(time.perf_counter() - t)
+  return {"img_per_s": BATCH / float(np.median(times)), "step_s": float(np.median(times)),
+          "threads": torch.get_num_threads(), "channels_last": channels_last,
+          "torch": torch.__version__}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--members", default="1,3")
+  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--out", default="bench/results/train_step.json")
+  p.add_argument("--no-torch", action="store_true")
+  a = p.parse_args()
+  import jax
+  results = {"batch": BATCH, "size": SIZE, "classes": CLASSES, "machine": platform.machine(),
+             "cpu_count": os.cpu_count(), "jax": jax.__version__, "runs": []}
+  for k in [int(s) for s in a.members.split(",")]:
+    row = {"members": k, "jax": bench_jax(k, a.steps)}
+    print(f"K={k} jax: {row['jax']['img_per_s']:.1f} img/s (compile {row['jax']['compile_s']:.0f} s)",
+          flush=True)
+    if not a.no_torch:
+      row["torch_nchw"] = bench_torch(k, a.steps, False)
+      row["torch_channels_last"] = bench_torch(k, a.steps, True)
+      best = max(row["torch_nchw"]["img_per_s"], row["torch_channels_last"]["img_per_s"])
+      row["speedup_vs_best_torch"] = row["jax"]["img_per_s"] / best
+      print(f"K={k} torch: NCHW {row['torch_nchw']['img_per_s']:.1f}, channels_last "
+            f"{row['torch_channels_last']['img_per_s']:.1f} img/s; JAX / best torch = "
+            f"{row['speedup_vs_best_torch']:.2f}x", flush=True)
+    results["runs"].append(row)
+  os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+  with open(a.out, "w") as f:
+    json.dump(results, f, indent=2)
+  print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,103 @@
+"""Image folders, the bundled ORL faces, the deterministic sampler and held-out pairs."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from faceens.data import demo, image_folder
+from faceens.data.image_folder import DataError
+from faceens.data.sampler import EpochSampler
+
+
+def _folder(tmp_path):
+  rng = np.random.default_rng(0)
+  for ident, ext in (("alice", "png"), ("bob", "jpg"), ("carol", "pgm")):
+    os.makedirs(tmp_path / ident)
+    for i in range(2):
+      arr = rng.integers(0, 255, size=(40, 30) if ext == "pgm" else (40, 30, 3), dtype=np.uint8)
+      Image.fromarray(arr).save(tmp_path / ident / f"{i}.{ext}")
+  return str(tmp_path)
+
+
+def test_image_folder_loads_every_format(tmp_path):
+  fs = image_folder.load_image_folder(_folder(tmp_path), 32)
+  assert fs.classes == ["alice", "bob", "carol"]
+  assert fs.images.shape == (6, 32, 32, 3) and fs.images.dtype == np.uint8
+  np.testing.assert_array_equal(fs.labels, [0, 0, 1, 1, 2, 2])
+  gray = fs.images[4]  # a PGM: grayscale repeated on 3 channels
+  np.testing.assert_array_equal(gray[..., 0], gray[..., 2])
+
+
+def test_fit_pad_keeps_aspect_and_zero_pads():
+  img = Image.fromarray(np.full((112, 92), 200, np.uint8))  # ORL geometry (W 92, H 112)
+  out = image_folder.fit_image(img, 32, "pad")
+  # Longer side 112 -> 32, width round(92 * 32 / 112) = 26, padded 3 columns each side.
+  assert out.shape == (32, 32, 3)
+  np.testing.assert_array_equal(out[:, :3], 0)
+  np.testing.assert_array_equal(out[:, 29:], 0)
+  np.testing.assert_array_equal(out[:, 3:29], 200)
+  assert image_folder.fit_image(img, 32, "crop").min() == 200
+
+
+def test_bad_inputs_name_the_file(tmp_path):
+  root = _folder(tmp_path)
+  (tmp_path / "bob" / "notes.txt").write_text("not a face")
+  with pytest.raises(DataError, match=r"notes\.txt is not an image file"):
+    image_folder.load_image_folder(root, 32)
+  os.remove(tmp_path / "bob" / "notes.txt")
+  (tmp_path / "bob" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
+  with pytest.raises(DataError, match=r"cannot decode image .*broken\.jpg"):
+    image_folder.load_image_folder(root, 32)
+  fs = image_folder.load_image_folder(root, 32, skip_bad=True)
+  assert len(fs) == 6
+  with pytest.raises(DataError, match="does not exist"):
+    image_folder.load_image_folder(str(tmp_path / "nope"), 32)
+  os.makedirs(tmp_path / "empty")
+  with pytest.raises(DataError, match="no identity sub-folders with images"):
+    image_folder.load_image_folder(str(tmp_path / "empty"), 32)
+
+
+def test_bundled_orl_faces():
+  root = demo.orl_root()
+  assert os.path.exists(os.path.join(root, "README"))  # the dataset's credit travels with it
+  fs = image_folder.load_image_folder(root, 32, identities=demo.HELDOUT_IDENTITIES)
+  assert fs.images.shape == (100, 32, 32, 3)
+  assert fs.classes[0] == "s31" and fs.classes[-1] == "s40"
+  assert not set(demo.TRAIN_IDENTITIES) & set(demo.HELDOUT_IDENTITIES)
+
+
+def test_balanced_pairs():
+  labels = np.repeat(np.arange(10), 10)
+  pairs, issame = demo.balanced_pairs(labels, seed=0)
+  assert len(pairs) == 900 and issame.sum() == 450  # C(10, 2) * 10 genuine, as many impostor
+  same = labels[pairs[:, 0]] == labels[pairs[:, 1]]
+  np.testing.assert_array_equal(same, issame)
+  assert len({tuple(p) for p in pairs}) == 900
+  # Every contiguous tenth (one fold) is balanced.
+  for fold in np.array_split(issame, 10):
+    assert fold.sum() == len(fold) // 2
+  np.testing.assert_array_equal(demo.balanced_pairs(labels, seed=0)[0], pairs)
+
+
+def test_sampler_epochs_are_permutations_and_resumable():
+  s = EpochSampler(10, 4, seed=3)
+  stream = np.concatenate([s.global_indices(t) for t in range(5)])  # 20 = two epochs
+  assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
+  fresh = EpochSampler(10, 4, seed=3)
+  np.testing.assert_array_equal(fresh.global_indices(4), s.global_indices(4))
+  np.testing.assert_array_equal(fresh.flips(4), s.flips(4))
+  hosts = [EpochSampler(10, 4, seed=3, process_index=i, process_count=2) for i in range(2)]
+  np.testing.assert_array_equal(
+      np.concatenate([h.global_indices(2)[h.local_slice()] for h in hosts]), s.global_indices(2))
+
+
+def test_sampler_flip_really_flips():
+  images = np.arange(2 * 2 * 3 * 3, dtype=np.uint8).reshape(2, 2, 3, 3)
+  s = EpochSampler(2, 2, seed=0)
+  x, _ = s.local_batch(images, np.zeros(2, np.int32), 0, flip=True)
+  idx, flips = s.global_indices(0), s.flips(0)
+  for i in range(2):
+    want = images[idx[i]][:, ::-1] if flips[i] else images[idx[i]]
+    np.testing.assert_array_equal(x[i], want)
