@@ -78,6 +78,8 @@ def method_config(method: str, loss: str, variant: str | None = None) -> ml_coll
   c.data.fit = "pad"
   c.data.flip = True
   c.data.max_shift = 0              # random translation (pixels), pad-and-crop augmentation
+  c.data.contrast = 0.0             # random contrast factor in 1 +- contrast
+  c.data.brightness = 0.0           # random brightness offset in +- brightness grey levels
   c.data.skip_bad = False
 
   c.optim = ml_collections.ConfigDict()
@@ -100,10 +102,14 @@ def method_config(method: str, loss: str, variant: str | None = None) -> ml_coll
   c.train.heldout_pairs_seed = 0
 
   if variant == "demo":
-    # ~5 minutes on 2 CPU cores including compilation; heldout_accuracy ~0.9+ on s31-s40.
+    # ~7 minutes on 2 CPU cores including compilation; srv_fdp: heldout_accuracy 0.92 on s31-s40.
     c.data.kind = "orl"
     c.data.image_size = 64
-    c.data.max_shift = 6            # 300 training images: translation is what generalises
+    # 300 training images: augmentation is what generalises to unseen people (held-out
+    # verification, single model, 300 steps: 0.88 with flips + shifts, 0.92 adding photometric).
+    c.data.max_shift = 6
+    c.data.contrast = 0.3
+    c.data.brightness = 30.0
     c.model.width = 0.5
     c.model.blocks = (1, 2, 3, 1)
     c.model.embedding_dim = 128
@@ -114,9 +120,9 @@ def method_config(method: str, loss: str, variant: str | None = None) -> ml_coll
     c.optim.warmup_steps = 20
     c.loss.scale = 32.0             # s = 64 with 30 classes saturates the softmax
     c.train.batch_size = 64
-    c.train.steps = 600
+    c.train.steps = 300
     c.train.log_every = 25
-    c.train.checkpoint_every = 200
+    c.train.checkpoint_every = 100
   elif variant == "test":
     c.data.kind = "orl"
     c.data.image_size = 32

@@ -101,3 +101,19 @@ def test_sampler_flip_really_flips():
   for i in range(2):
     want = images[idx[i]][:, ::-1] if flips[i] else images[idx[i]]
     np.testing.assert_array_equal(x[i], want)
+
+
+def test_translate_and_photometric_by_hand():
+  from faceens.data.sampler import adjust, translate
+  x = np.arange(1, 10, dtype=np.uint8).reshape(1, 3, 3, 1)
+  np.testing.assert_array_equal(translate(x, np.array([[1, -1]]))[0, :, :, 0],
+                                [[0, 0, 0], [2, 3, 0], [5, 6, 0]])
+  np.testing.assert_array_equal(translate(x, np.array([[0, 0]])), x)
+  # mean 5: (x - 5) * 2 + 5 + 10, clipped to [0, 255].
+  np.testing.assert_array_equal(adjust(x, np.array([2.0]), np.array([10.0]))[0, :, :, 0],
+                                [[7, 9, 11], [13, 15, 17], [19, 21, 23]])
+  s = EpochSampler(4, 4, seed=1)
+  xs = np.random.default_rng(0).integers(0, 255, (4, 8, 8, 3), dtype=np.uint8)
+  a, _ = s.local_batch(xs, np.zeros(4, np.int32), 5, True, 2, 0.3, 20.0)
+  b, _ = EpochSampler(4, 4, seed=1).local_batch(xs, np.zeros(4, np.int32), 5, True, 2, 0.3, 20.0)
+  np.testing.assert_array_equal(a, b)  # augmentation is a pure function of (seed, step)

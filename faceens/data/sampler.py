@@ -53,12 +53,20 @@ class EpochSampler:
     rng = np.random.default_rng([self.seed, step, 2])
     return rng.integers(-max_shift, max_shift + 1, size=(self.batch, 2))
 
+  def photometric(self, step: int, contrast: float, brightness: float) -> np.ndarray:
+    """Per-example contrast factors and brightness offsets ``[B, 2]`` (global batch)."""
+    rng = np.random.default_rng([self.seed, step, 3])
+    return np.stack([rng.uniform(1 - contrast, 1 + contrast, self.batch),
+                     rng.uniform(-brightness, brightness, self.batch)], axis=1)
+
   def local_batch(self, images: np.ndarray, labels: np.ndarray, step: int, flip: bool = True,
-                  max_shift: int = 0):
+                  max_shift: int = 0, contrast: float = 0.0, brightness: float = 0.0):
     """This host's part of step ``step``'s batch: ``(uint8 images [b, H, W, 3], int32 labels)``.
 
-    Augmentation, a pure function of ``(seed, step)``: random horizontal flip, and random
-    translation by up to ``max_shift`` pixels with zero fill (pad-and-crop).
+    Augmentation, a pure function of ``(seed, step)``: random horizontal flip, random
+    translation by up to ``max_shift`` pixels with zero fill (pad-and-crop), and random contrast
+    (factor in ``1 +- contrast`` about the image mean) and brightness (offset in
+    ``+- brightness`` grey levels).
     """
     sl = self.local_slice()
     idx = self.global_indices(step)[sl]
@@ -68,6 +76,9 @@ class EpochSampler:
       x = np.where(f[:, None, None, None], x[:, :, ::-1], x)
     if max_shift > 0:
       x = translate(x, self.shifts(step, max_shift)[sl])
+    if contrast > 0 or brightness > 0:
+      factor, offset = self.photometric(step, contrast, brightness)[sl].T
+      x = adjust(x, factor, offset)
     return np.ascontiguousarray(x), labels[idx].astype(np.int32)
 
 
@@ -80,3 +91,11 @@ def translate(x: np.ndarray, shifts: np.ndarray) -> np.ndarray:
     xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
     out[i, yd, xd] = x[i, ys, xs]
   return out
+
+
+def adjust(x: np.ndarray, factor: np.ndarray, offset: np.ndarray) -> np.ndarray:
+  """``clip((x - mean) * factor + mean + offset)`` per image, back to uint8."""
+  xf = x.astype(np.float32)
+  mean = xf.mean(axis=(1, 2, 3), keepdims=True)
+  out = (xf - mean) * factor[:, None, None, None] + mean + offset[:, None, None, None]
+  return np.clip(np.rint(out), 0, 255).astype(np.uint8)
