@@ -196,6 +196,12 @@ def shard_train_step(train_step, mesh: Mesh, state: TrainState):
                  out_shardings=(state_sharding, replicated), donate_argnums=(0,))
 
 
+def replicate(state: TrainState, mesh: Mesh) -> TrainState:
+  """Places the state on every device, with the sharding the jitted step returns (so the step
+  compiles once: an uncommitted input state would make the second call compile again)."""
+  return jax.device_put(state, NamedSharding(mesh, P()))
+
+
 def put_batch(mesh: Mesh, images: np.ndarray, labels: np.ndarray):
   """This host's batch slice -> global arrays sharded over ``data``."""
   sharding = NamedSharding(mesh, P("data"))
@@ -354,7 +360,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
   mngr = _checkpoint_manager(workdir, c)
   state = restore_or_init(mngr, state)
   start = int(state.step)
-  state = jax.device_put(state, NamedSharding(mesh, P()))
+  state = replicate(state, mesh)
   step_fn = shard_train_step(make_train_step(c, model, optimizer), mesh, state)
 
   metrics_path = os.path.join(workdir, "metrics.jsonl")

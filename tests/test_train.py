@@ -38,8 +38,8 @@ class Run:
     steps = train.total_steps(c, self.sampler.steps_per_epoch)
     self.model = train.build_model(c)
     opt = train.make_optimizer(c, steps)
-    self.state = train.create_train_state(c, self.train_set.num_classes, opt)
     self.mesh = train.make_mesh()
+    self.state = train.replicate(train.create_train_state(c, self.train_set.num_classes, opt), self.mesh)
     self.step_fn = train.shard_train_step(train.make_train_step(c, self.model, opt), self.mesh,
                                           self.state)
     self.embed = train.make_embed_fn(c, self.model)

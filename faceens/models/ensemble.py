@@ -45,7 +45,8 @@ def init_members(model: nn.Module, key: jax.Array, num_members: int, sample_inpu
     pkey, dkey = jax.random.split(k)
     return model.init({"params": pkey, "dropout": dkey}, sample_input, train=False)
 
-  return jax.vmap(init_one)(keys)
+  # One compiled program instead of op-by-op initialisation of K members.
+  return jax.jit(jax.vmap(init_one))(keys)
 
 
 def member(variables: Any, k: int) -> Any:
