@@ -131,9 +131,9 @@ def test_ensemble_vmap_equals_each_member_and_unrolled(train):
   feats_v = out_v[0] if train else out_v
   feats_u = out_u[0] if train else out_u
   chex.assert_shape(feats_v, (3, 4, 16))
-  np.testing.assert_allclose(feats_v, feats_u, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(feats_v, feats_u, rtol=1e-4, atol=1e-4)
   if train:
-    chex.assert_trees_all_close(out_v[1], out_u[1], rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(out_v[1], out_u[1], rtol=1e-4, atol=1e-4)
   # Members differ (independent keys), and each equals applying that member alone.
   assert not np.allclose(feats_v[0], feats_v[1])
   for k in range(3):
@@ -143,7 +143,7 @@ def test_ensemble_vmap_equals_each_member_and_unrolled(train):
                                          mutable=["batch_stats"])[0])(vk)
     else:
       alone = jax.jit(m.apply)(vk, x)
-    np.testing.assert_allclose(feats_v[k], alone, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(feats_v[k], alone, rtol=1e-4, atol=1e-4)
 
 
 def test_ensemble_embedding_is_mean_of_normalized():
