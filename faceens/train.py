@@ -174,7 +174,7 @@ def make_train_step(c, model: nn.Module, optimizer):
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "ce": aux["ce"], "reg": aux["reg"], "accuracy": aux["accuracy"],
-               "grad_norm": optax.global_norm(grads)}
+               "grad_norm": optax.tree.norm(grads)}
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                               opt_state=opt_state)
     return new_state, metrics
