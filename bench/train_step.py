@@ -32,7 +32,6 @@ BATCH, SIZE, CLASSES = 64, 112, 1000
 
 def bench_jax(members: int, steps: int, depthwise_impl: str = "auto", strategy: str = "auto"):
   import jax
-  import jax.numpy as jnp
   from faceens import configs, train
 
   c = configs.method_config("single" if members == 1 else "baseline", "cosface", "full")

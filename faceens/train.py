@@ -16,7 +16,6 @@ restarted run resumes from the latest and ends bit-identical to an uninterrupted
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -375,6 +374,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
                n_params / 1e6, n_params / 1e6 / c.ensemble.num_members, len(train_set),
           train_set.num_classes, num_steps, start, mesh.size), flush=True)
 
+  schedule = learning_rate_schedule(c, num_steps)
   from tqdm import tqdm
   bar = tqdm(total=num_steps, initial=start, disable=not (progress and is_main), unit="step",
              dynamic_ncols=True, desc=f"{c.loss.name}_{c.method}")
@@ -413,7 +413,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
             f"loss became {last['loss']} at step {done} (ce={last['ce']}, reg={last['reg']}, "
             f"grad_norm={last['grad_norm']}); lower optim.lr (now {c.optim.lr}) or the "
             "regulariser weight (adp.beta / fdp.gamma), or check the input data")
-      lr = float(learning_rate_schedule(c, num_steps)(step))
+      lr = float(schedule(step))
       record = {"step": done, "lr": lr, "img_per_s": ips, **last}
       if is_main:
         with open(metrics_path, "a") as f:

@@ -1,6 +1,5 @@
 """Method losses against numpy, and the MTER triplet term."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
