@@ -1,0 +1,18 @@
+"""The README's demo end to end (about 7 minutes on 2 cores): run with `python -m pytest -m slow`."""
+
+import json
+import os
+
+import pytest
+
+from faceens import configs, train
+
+
+@pytest.mark.slow
+def test_demo_reaches_heldout_accuracy(tmp_path):
+  c = configs.method_config("srv_fdp", "arcface", "demo")
+  summary = train.train_and_evaluate(c, str(tmp_path), progress=False)
+  with open(os.path.join(tmp_path, "summary.json")) as f:
+    assert json.load(f)["heldout_accuracy"] == summary["heldout_accuracy"]
+  assert summary["steps"] == 300
+  assert summary["heldout_accuracy"] >= 0.90, summary
