@@ -278,19 +278,17 @@ def heldout_verification(c, embed, variables, held: image_folder.FaceSet) -> dic
   (mean of normalised member features), no test-time flip. ``heldout_accuracy_flip`` adds
   InsightFace's flip; ``heldout_member_accuracy`` is each member alone.
   """
-  feats = embed_all(embed, variables, held.images)
+  feats = jnp.asarray(embed_all(embed, variables, held.images))
   pairs, issame = demo_data.balanced_pairs(held.labels, seed=c.train.heldout_pairs_seed)
-  feats = jnp.asarray(feats)
-  emb = np.asarray(ensemble.ensemble_embedding(feats))
-  acc, std, thr = verification.kfold_accuracy(verification.pair_distances(emb, pairs), issame)
+
+  def kfold(emb):
+    return verification.kfold_accuracy(verification.pair_distances(np.asarray(emb), pairs), issame)
+
+  acc, std, thr = kfold(ensemble.ensemble_embedding(feats))
   # InsightFace's test-time flip: each member's feature is normalise(f(x) + f(flip(x))).
   flipped = jnp.asarray(embed_all(embed, variables, np.ascontiguousarray(held.images[:, :, ::-1])))
-  emb_flip = np.asarray(ensemble.ensemble_embedding(l2_normalize(feats + flipped)))
-  acc_flip = verification.kfold_accuracy(verification.pair_distances(emb_flip, pairs), issame)[0]
-  members = []
-  for k in range(feats.shape[0]):
-    mk = np.asarray(l2_normalize(feats[k]))
-    members.append(verification.kfold_accuracy(verification.pair_distances(mk, pairs), issame)[0])
+  acc_flip = kfold(ensemble.ensemble_embedding(l2_normalize(feats + flipped)))[0]
+  members = [kfold(l2_normalize(feats[k]))[0] for k in range(feats.shape[0])]
   return {"heldout_accuracy": acc, "heldout_accuracy_std": std, "heldout_threshold": thr,
           "heldout_accuracy_flip": acc_flip,
           "heldout_member_accuracy": members, "heldout_pairs": int(len(issame))}

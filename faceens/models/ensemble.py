@@ -51,7 +51,7 @@ def init_members(model: nn.Module, key: jax.Array, num_members: int, sample_inpu
     # Same parameters whatever the depthwise implementation; the native conv compiles fastest.
     model = model.clone(depthwise_impl="native")
   # One compiled single-member init, cached per model definition, called K times.
-  members = [_init_one(model, keys[k], jnp.zeros_like(sample_input)) for k in range(num_members)]
+  members = [_init_one(model, keys[k], sample_input) for k in range(num_members)]
   return jax.tree.map(lambda *xs: jnp.stack(xs), *members)
 
 
