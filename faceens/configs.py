@@ -100,6 +100,7 @@ def method_config(method: str, loss: str, variant: str | None = None) -> ml_coll
   c.train.checkpoint_every = 2000
   c.train.keep_checkpoints = 3
   c.train.heldout_pairs_seed = 0
+  c.train.eval_every = 0            # > 0: verification on the held-out pairs every N steps
 
   if variant == "demo":
     # ~7 minutes on 2 CPU cores including compilation; srv_fdp: heldout_accuracy 0.900 on s31-s40
@@ -124,6 +125,7 @@ def method_config(method: str, loss: str, variant: str | None = None) -> ml_coll
     c.train.steps = 300
     c.train.log_every = 25
     c.train.checkpoint_every = 100
+    c.train.eval_every = 100
   elif variant == "test":
     c.data.kind = "orl"
     c.data.image_size = 32
@@ -191,6 +193,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.train.checkpoint_every < 1 or c.train.log_every < 1:
     _fail("train.checkpoint_every/log_every", (c.train.checkpoint_every, c.train.log_every),
           "integers >= 1")
+  if c.train.get("eval_every", 0) < 0:
+    _fail("train.eval_every", c.train.eval_every, "an integer >= 0 (0: evaluate at the end only)")
   if c.adp.logits not in ("cosine", "margin"):
     _fail("adp.logits", c.adp.logits, "cosine, margin")
   if not c.diversity.eps > 0:
@@ -204,3 +208,34 @@ def loss_config(c: ml_collections.ConfigDict) -> losses.LossConfig:
       method=c.method, loss=c.loss.name, scale=float(c.loss.scale), margin=float(c.loss.margin),
       adp_alpha=float(c.adp.alpha), adp_beta=float(c.adp.beta), adp_logits=c.adp.logits,
       fdp_gamma=float(c.fdp.gamma), det_eps=float(c.diversity.eps))
+
+
+def _merge(dst: ml_collections.ConfigDict, src: dict, prefix: str = "") -> None:
+  for key, value in src.items():
+    if key not in dst:
+      dst[key] = value  # a field this version does not know: kept as written
+    elif isinstance(dst[key], ml_collections.ConfigDict) and isinstance(value, dict):
+      _merge(dst[key], value, f"{prefix}{key}.")
+    elif isinstance(dst[key], tuple) and isinstance(value, list):
+      dst[key] = tuple(value)
+    else:
+      dst[key] = value
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was trained with (``workdir/config.json``), on today's defaults."""
+  import json
+  import os
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: {workdir!r} is not a faceens run directory "
+                            "(python -m faceens.train --config=... --workdir=DIR writes it)")
+  try:
+    with open(path) as f:
+      raw = json.load(f)
+    c = method_config(raw["method"], raw["loss"]["name"], raw.get("variant", "full"))
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{path} is not a valid faceens config: {e}") from None
+  _merge(c, raw)
+  validate(c)
+  return c

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from faceens import configs, heads, losses, verification
+from faceens import configs, heads, losses
 from faceens.data import demo as demo_data
 from faceens.data import image_folder
 from faceens.data.sampler import EpochSampler
@@ -248,50 +248,36 @@ def load_datasets(c):
 # ----------------------------------------------------------------------------- evaluation
 
 
-def make_embed_fn(c, model):
-  strategy = c.ensemble.strategy
-
-  @jax.jit
-  def embed(variables, images):
-    return ensemble.apply_members(model, variables, normalize_images(images), strategy=strategy)
-
-  return embed
-
-
-def embed_all(embed, variables, images: np.ndarray, batch: int = 64) -> np.ndarray:
-  """Member features ``[K, N, d]`` of uint8 images, in fixed-size batches (one compilation)."""
-  outs = []
-  n = len(images)
-  for i in range(0, n, batch):
-    chunk = images[i:i + batch]
-    pad = batch - len(chunk)
-    if pad:
-      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-    outs.append(np.asarray(embed(variables, chunk))[:, :batch - pad])
-  return np.concatenate(outs, axis=1)
+def evaluation_sets(c, held: image_folder.FaceSet | None):
+  """Sets evaluated during and after training: the held-out identities (balanced pairs)."""
+  from faceens import evaluate
+  if held is None:
+    return []
+  return [evaluate.faceset_pairs("heldout", held, c.train.heldout_pairs_seed,
+                                 c.data.heldout_root or c.data.root or "bundled ORL s31-s40")]
 
 
-def heldout_verification(c, embed, variables, held: image_folder.FaceSet) -> dict:
-  """10-fold verification accuracy on balanced genuine/impostor pairs of held-out identities.
+def run_evaluation(c, face_model, state: TrainState, sets) -> dict:
+  """``faceens.evaluate`` metrics of the current state on ``sets``."""
+  from faceens import evaluate
+  face_model.variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
+  return evaluate.evaluate_model(face_model, sets)
+
+
+def heldout_summary(results: dict) -> dict:
+  """summary.json's ``heldout_*`` keys from the ``heldout`` evaluation.
 
   ``heldout_accuracy`` is the paper's protocol: Euclidean distance between ensemble embeddings
-  (mean of normalised member features), no test-time flip. ``heldout_accuracy_flip`` adds
-  InsightFace's flip; ``heldout_member_accuracy`` is each member alone.
+  (mean of normalised member features), no flip. ``heldout_accuracy_flip`` is InsightFace's
+  (flip, squared L2); ``heldout_member_accuracy`` is each member alone (paper protocol).
   """
-  feats = jnp.asarray(embed_all(embed, variables, held.images))
-  pairs, issame = demo_data.balanced_pairs(held.labels, seed=c.train.heldout_pairs_seed)
-
-  def kfold(emb):
-    return verification.kfold_accuracy(verification.pair_distances(np.asarray(emb), pairs), issame)
-
-  acc, std, thr = kfold(ensemble.ensemble_embedding(feats))
-  # InsightFace's test-time flip: each member's feature is normalise(f(x) + f(flip(x))).
-  flipped = jnp.asarray(embed_all(embed, variables, np.ascontiguousarray(held.images[:, :, ::-1])))
-  acc_flip = kfold(ensemble.ensemble_embedding(l2_normalize(feats + flipped)))[0]
-  members = [kfold(l2_normalize(feats[k]))[0] for k in range(feats.shape[0])]
-  return {"heldout_accuracy": acc, "heldout_accuracy_std": std, "heldout_threshold": thr,
-          "heldout_accuracy_flip": acc_flip,
-          "heldout_member_accuracy": members, "heldout_pairs": int(len(issame))}
+  r = results["heldout"]
+  return {"heldout_accuracy": r["paper"]["accuracy"],
+          "heldout_accuracy_std": r["paper"]["accuracy_std"],
+          "heldout_threshold": r["paper"]["threshold"],
+          "heldout_accuracy_flip": r["accuracy"], "heldout_roc_auc": r["paper"]["roc_auc"],
+          "heldout_member_accuracy": [m["paper"]["accuracy"] for m in r["members"]],
+          "heldout_pairs": r["pairs"]}
 
 
 # ----------------------------------------------------------------------------- loop
@@ -360,6 +346,14 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
   state = replicate(state, mesh)
   step_fn = shard_train_step(make_train_step(c, model, optimizer), mesh, state)
 
+  eval_sets = evaluation_sets(c, held)
+  if c.train.eval_every and not eval_sets:
+    raise ValueError(f"config field train.eval_every = {c.train.eval_every} needs held-out "
+                     "identities (data.kind=orl, or image_folder with data.heldout_root)")
+  from faceens import api
+  face_model = api.FaceModel(c, {"params": state.params["backbone"],
+                                 "batch_stats": state.batch_stats}) if eval_sets else None
+
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -418,6 +412,19 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
           f.write(json.dumps(record) + "\n")
       bar.set_postfix(loss=f"{last['loss']:.3f}", ce=f"{last['ce']:.3f}", reg=f"{last['reg']:.3f}",
                       acc=f"{last['accuracy']:.2f}", img_s=f"{ips:.1f}")
+    if c.train.eval_every and done % c.train.eval_every == 0 and done != num_steps:
+      results = run_evaluation(c, face_model, state, eval_sets)
+      record = {"step": done, "eval": {
+          name: {"accuracy": r["accuracy"], "accuracy_std": r["accuracy_std"],
+                 "roc_auc": r["roc_auc"], "paper_accuracy": r["paper"]["accuracy"],
+                 "member_accuracy": [m["accuracy"] for m in r["members"]]}
+          for name, r in results.items()}}
+      if is_main:
+        with open(metrics_path, "a") as f:
+          f.write(json.dumps(record) + "\n")
+      bar.write(f"step {done}: " + ", ".join(
+          f"{n} accuracy {r['accuracy']:.4f} (paper {r['paper']['accuracy']:.4f})"
+          for n, r in results.items()))
     bar.update(1)
     mngr.save(done, args=_save_args(state), force=(done == num_steps))
     if stop_after is not None and done >= stop_after:
@@ -432,6 +439,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
   if not last and os.path.exists(metrics_path):  # already finished: report the logged end
     with open(metrics_path) as f:
       lines = [json.loads(l) for l in f if l.strip()]
+    lines = [l for l in lines if "loss" in l]
     last = {k: v for k, v in lines[-1].items() if k not in ("step", "lr", "img_per_s")} if lines else {}
 
   summary = {
@@ -444,9 +452,12 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
       "backbone_params": int(n_params), "devices": int(mesh.size), "backend": jax.default_backend(),
       "heldout_accuracy": None,
   }
-  if held is not None:
-    variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
-    summary.update(heldout_verification(c, make_embed_fn(c, model), variables, held))
+  if eval_sets:
+    results = run_evaluation(c, face_model, state, eval_sets)
+    summary.update(heldout_summary(results))
+    if is_main:
+      from faceens import evaluate
+      evaluate.write_eval_json(workdir, c, int(state.step), face_model.num_members, results)
   if is_main:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from faceens import configs, heads, train
+from faceens import api, configs, heads, train
 from faceens.data.sampler import EpochSampler
 from tests.conftest import REPO
 
@@ -42,7 +42,10 @@ class Run:
     self.state = train.replicate(train.create_train_state(c, self.train_set.num_classes, opt), self.mesh)
     self.step_fn = train.shard_train_step(train.make_train_step(c, self.model, opt), self.mesh,
                                           self.state)
-    self.embed = train.make_embed_fn(c, self.model)
+    self.face_model = api.FaceModel(c, self.variables())
+
+  def variables(self):
+    return {"params": self.state.params["backbone"], "batch_stats": self.state.batch_stats}
 
   def step(self, t):
     x, y = self.sampler.local_batch(self.train_set.images, self.train_set.labels, t)
@@ -51,9 +54,9 @@ class Run:
 
   def train_accuracy(self, n=120):
     """Eval-mode top-1 of the cosine head on a fixed subset of training images, member mean."""
-    v = {"params": self.state.params["backbone"], "batch_stats": self.state.batch_stats}
+    self.face_model.variables = self.variables()
     idx = np.arange(0, len(self.train_set), max(1, len(self.train_set) // n))
-    feats = train.embed_all(self.embed, v, self.train_set.images[idx], batch=len(idx))
+    feats = self.face_model.member_features(self.train_set.images[idx], batch_size=len(idx))
     cos = heads.cosines(jnp.asarray(feats), self.state.params["head"])
     return float(np.mean(np.argmax(cos, -1) == self.train_set.labels[idx][None]))
 

@@ -28,3 +28,101 @@ def test_one_overlap_costs_one_fold():
 def test_bad_shapes():
   with pytest.raises(ValueError, match="must be 1-D and equal length"):
     verification.kfold_accuracy(np.zeros(10), np.zeros(9, bool))
+
+
+# ----------------------------------------------------------------------------- independent reference
+
+
+def _reference_insightface(emb1, emb2, issame, nfolds=10):
+  """InsightFace eval/verification.py calculate_roc, written out with plain loops."""
+  thresholds = np.arange(0, 4, 0.01)
+  dist = np.sum(np.square(np.subtract(emb1, emb2)), 1)
+  n = len(issame)
+  sizes = [n // nfolds + (1 if i < n % nfolds else 0) for i in range(nfolds)]  # KFold(shuffle=False)
+  starts = np.cumsum([0] + sizes)
+  accs, best = [], []
+  for f in range(nfolds):
+    test = list(range(starts[f], starts[f + 1]))
+    train = [i for i in range(n) if i not in set(test)]
+    acc_train = []
+    for t in thresholds:
+      correct = sum((dist[i] < t) == issame[i] for i in train)
+      acc_train.append(correct / len(train))
+    b = int(np.argmax(acc_train))
+    best.append(thresholds[b])
+    accs.append(sum((dist[i] < thresholds[b]) == issame[i] for i in test) / len(test))
+  return np.mean(accs), np.std(accs), np.mean(best), dist
+
+
+def _synthetic(n_pairs=300, d=16, seed=0):
+  rng = np.random.default_rng(seed)
+  issame = rng.random(n_pairs) < 0.5
+  a = rng.normal(size=(n_pairs, d))
+  noise = rng.normal(size=(n_pairs, d))
+  b = np.where(issame[:, None], a + 0.9 * noise, noise)
+  norm = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  return norm(a), norm(b), issame
+
+
+@pytest.mark.parametrize("seed,n_pairs", [(0, 300), (1, 257)])
+def test_protocol_matches_independent_insightface_reference(seed, n_pairs):
+  e1, e2, issame = _synthetic(n_pairs, seed=seed)
+  ref_acc, ref_std, ref_thr, ref_dist = _reference_insightface(e1, e2, issame)
+  dist = verification.distances(e1, e2, "squared_l2")
+  np.testing.assert_allclose(dist, ref_dist, rtol=1e-12)
+  acc, std, thr = verification.kfold_accuracy(dist, issame)
+  np.testing.assert_allclose([acc, std, thr], [ref_acc, ref_std, ref_thr], rtol=1e-12)
+  assert 0.6 < acc < 1.0  # a non-trivial case
+  np.testing.assert_allclose(verification.distances(e1, e2, "euclidean"), np.sqrt(ref_dist))
+
+
+def test_roc_auc_is_the_mann_whitney_statistic():
+  e1, e2, issame = _synthetic(200, seed=3)
+  dist = np.round(verification.distances(e1, e2), 2)  # ties on purpose
+  gen, imp = dist[issame], dist[~issame]
+  # P(genuine closer than impostor) + half the ties, over all genuine x impostor pairs.
+  mw = ((gen[:, None] < imp[None]).sum() + 0.5 * (gen[:, None] == imp[None]).sum()) / (len(gen) * len(imp))
+  np.testing.assert_allclose(verification.roc_auc(dist, issame), mw, rtol=1e-12)
+  assert verification.roc_auc(dist[issame], issame[issame]) is None
+
+
+def test_tar_at_far_against_brute_force():
+  rng = np.random.default_rng(0)
+  n_gen, n_imp = 500, 20000
+  dist = np.concatenate([rng.normal(0.8, 0.3, n_gen), rng.normal(1.8, 0.25, n_imp)])
+  issame = np.concatenate([np.ones(n_gen, bool), np.zeros(n_imp, bool)])
+  got, why = verification.tar_at_far(dist, issame, fars=(1e-3, 1e-4))
+  assert why == {}
+  gen, imp = dist[issame], dist[~issame]
+  for far in (1e-3, 1e-4):
+    best = 0.0
+    for t in np.sort(dist):  # accept when dist <= t
+      if np.mean(imp <= t) <= far:
+        best = max(best, np.mean(gen <= t))
+    np.testing.assert_allclose(got[f"{far:g}"], best, rtol=1e-12)
+  assert 0 < got["0.0001"] <= got["0.001"] < 1
+
+
+def test_tar_at_far_unavailable_with_few_impostors():
+  dist = np.linspace(0, 2, 40)
+  issame = np.arange(40) < 20  # 20 impostor pairs cannot measure FAR 1e-3
+  got, why = verification.tar_at_far(dist, issame)
+  assert got == {"0.001": None, "0.0001": None}
+  assert "needs >= 1000 impostor pairs" in why["0.001"] and "20 impostor" in why["0.001"]
+
+
+def test_flip_embedding_and_evaluate_keys():
+  a = np.array([[3.0, 0.0], [0.0, 1.0]])
+  b = np.array([[0.0, 4.0], [0.0, 1.0]])
+  np.testing.assert_allclose(verification.flip_embedding(a, b), [[0.6, 0.8], [0.0, 1.0]])
+  e1, e2, issame = _synthetic(100)
+  out = verification.evaluate(verification.distances(e1, e2), issame)
+  assert set(out) >= {"accuracy", "accuracy_std", "threshold", "roc_auc", "tar_at_far"}
+  assert out["tar_at_far"]["0.001"] is None and "tar_at_far_unavailable" in out
+
+
+def test_labels_must_be_binary():
+  with pytest.raises(ValueError, match="0/1"):
+    verification.kfold_accuracy(np.zeros(10), np.full(10, 2))
+  with pytest.raises(ValueError, match="unknown metric 'cosine'"):
+    verification.distances(np.zeros((2, 3)), np.zeros((2, 3)), "cosine")

@@ -1,0 +1,200 @@
+"""Embedding API of a trained run: ``faceens.load(workdir)``.
+
+    model = faceens.load("runs/demo")
+    emb = model.embed(images)                # uint8 [B, H, W(, 3)] of any size -> [B, d]
+    emb0 = model.embed(images, member=0)     # member 0's normalised feature
+    f = model.embedding_fn()                 # jax function [B, S, S, 3] in [0, 1] -> [B, d]
+
+Pixels: uint8 arrays are resized to the model input exactly as the training data was
+(``config.data.fit``); float arrays must already be ``[B, S, S, 3]`` in [0, 1] (what the attacks
+produce) and are used as they are. Inside, pixels become ``(x - 0.5) / 0.5``, the training
+normalisation.
+
+Embeddings: member k's is ``f_k(x) / ||f_k(x)||``; the ensemble's (``member=None``) is Amada et
+al.'s ``E(x) = mean_k f_k(x) / ||f_k(x)||`` (not renormalised). ``flip=True`` gives InsightFace's
+test-time flip ``normalise(e(x) + e(flip(x)))`` of the chosen embedding.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from faceens import configs
+from faceens.models import ensemble
+
+
+class FaceModel:
+  """A trained ensemble (or single model) as an embedding function."""
+
+  def __init__(self, config, variables: dict, workdir: str | None = None, step: int | None = None):
+    from faceens import train
+    self.config = config
+    self.variables = variables
+    self.workdir = workdir
+    self.step = step
+    self.model = train.build_model(config)
+    self.input_size = int(config.data.image_size)
+    self.num_members = ensemble.num_members(variables)
+    self.embedding_dim = int(config.model.embedding_dim)
+    self._jit_apply = None
+    self.threshold, self.paper_threshold, self.threshold_source = _thresholds(workdir)
+
+  def __repr__(self):
+    return (f"FaceModel({self.config.loss.name}_{self.config.method}, K={self.num_members}, "
+            f"input {self.input_size}px, d={self.embedding_dim}, step={self.step})")
+
+  # ------------------------------------------------------------------ jax functions (pure)
+
+  def member_variables(self, member=None):
+    """Stacked variables of the ensemble (``None``) or of member ``k`` (a stack of one)."""
+    if member is None:
+      return self.variables
+    if not isinstance(member, (int, np.integer)) or not 0 <= member < self.num_members:
+      raise ValueError(f"member must be None (ensemble) or an integer in "
+                       f"[0, {self.num_members - 1}], got {member!r}")
+    return jax.tree.map(lambda v: v[member:member + 1], self.variables)
+
+  def apply(self, variables, x):
+    """Pure: ``(stacked variables, x [B, S, S, 3] in [0, 1]) -> normalised features [K, B, d]``."""
+    f = ensemble.apply_members(self.model, variables, (x - 0.5) / 0.5,
+                               strategy=self.config.ensemble.strategy)
+    return ensemble.l2_normalize(f)
+
+  def features_fn(self, member=None):
+    """``x -> normalised features [K', B, d]`` with the variables bound (K' = 1 for a member)."""
+    variables = self.member_variables(member)
+    return lambda x: self.apply(variables, x)
+
+  def embedding_fn(self, member=None):
+    """``x [B, S, S, 3] in [0, 1] -> [B, d]`` with the variables bound; differentiable."""
+    features = self.features_fn(member)
+    return lambda x: jnp.mean(features(x), axis=0)
+
+  # ------------------------------------------------------------------ numpy API
+
+  def prepare(self, images) -> np.ndarray:
+    """Images -> float32 ``[B, S, S, 3]`` in [0, 1] at the model's input size."""
+    from PIL import Image
+
+    from faceens.data.image_folder import fit_image
+    x = np.asarray(images)
+    s = self.input_size
+    if x.ndim == 3:
+      x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+      raise ValueError(f"images must be [B, H, W] or [B, H, W, 3], got shape {np.shape(images)}")
+    if x.dtype == np.uint8:
+      if x.shape[1:] == (s, s, 3):
+        return x.astype(np.float32) / 255.0
+      mode = "L" if x.shape[-1] == 1 else "RGB"
+      out = [fit_image(Image.fromarray(im[..., 0] if mode == "L" else im, mode), s,
+                       self.config.data.fit) for im in x]
+      return np.stack(out).astype(np.float32) / 255.0
+    if np.issubdtype(x.dtype, np.floating):
+      if x.shape[1:3] != (s, s):
+        raise ValueError(f"float images must be at the model's input size {s}x{s} (got "
+                         f"{x.shape[1]}x{x.shape[2]}); pass uint8 images to have them resized")
+      if x.size and (np.nanmin(x) < 0 or np.nanmax(x) > 1 or not np.isfinite(x).all()):
+        raise ValueError("float images must be finite and in [0, 1]")
+      if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+      return x.astype(np.float32)
+    raise ValueError(f"images must be uint8 or float in [0, 1], got dtype {x.dtype}")
+
+  def _compiled_apply(self):
+    if self._jit_apply is None:
+      self._jit_apply = jax.jit(self.apply)  # variables are an argument: one compile per shape
+    return self._jit_apply
+
+  def member_features(self, images, *, member=None, flip: bool = False, batch_size: int = 64,
+                      progress: bool = False, desc: str = "embedding") -> np.ndarray:
+    """Normalised features ``[K', B, d]`` (numpy), in fixed-size jitted batches."""
+    x = self.prepare(images)
+    if flip:
+      x = np.ascontiguousarray(x[:, :, ::-1])
+    fn = functools.partial(self._compiled_apply(), self.member_variables(member))
+    outs = []
+    from tqdm import tqdm
+    with tqdm(total=len(x), disable=not progress, unit="img", desc=desc, leave=False) as bar:
+      for i in range(0, len(x), batch_size):
+        chunk = x[i:i + batch_size]
+        pad = batch_size - len(chunk)
+        if pad:
+          chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+        outs.append(np.asarray(fn(chunk))[:, :batch_size - pad])
+        bar.update(batch_size - pad)
+    if not outs:
+      return np.zeros((self.num_members if member is None else 1, 0, self.embedding_dim),
+                      np.float32)
+    return np.concatenate(outs, axis=1)
+
+  def embed(self, images, member=None, flip: bool = False, batch_size: int = 64,
+            progress: bool = False) -> np.ndarray:
+    """Embeddings ``[B, d]`` (see the module docstring)."""
+    emb = self.member_features(images, member=member, batch_size=batch_size,
+                               progress=progress).mean(axis=0)
+    if flip:
+      emb_f = self.member_features(images, member=member, flip=True, batch_size=batch_size,
+                                   progress=progress).mean(axis=0)
+      from faceens.verification import flip_embedding
+      emb = flip_embedding(emb, emb_f).astype(np.float32)
+    return emb
+
+
+def _thresholds(workdir):
+  """(squared-L2 flip threshold, Euclidean no-flip threshold, source) from eval.json/summary."""
+  if not workdir:
+    return None, None, None
+  path = os.path.join(workdir, "eval.json")
+  if os.path.isfile(path):
+    with open(path) as f:
+      ev = json.load(f)
+    sets = ev.get("datasets") or {}
+    if sets:
+      name = next(iter(sets))
+      d = sets[name]
+      return d.get("threshold"), (d.get("paper") or {}).get("threshold"), f"eval.json:{name}"
+  path = os.path.join(workdir, "summary.json")
+  if os.path.isfile(path):
+    with open(path) as f:
+      s = json.load(f)
+    return None, s.get("heldout_threshold"), "summary.json:heldout"
+  return None, None, None
+
+
+def _restore(checkpoint_dir: str, step: int | None):
+  import orbax.checkpoint as ocp
+  mngr = ocp.CheckpointManager(checkpoint_dir)
+  try:
+    steps = mngr.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint under {checkpoint_dir}")
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise FileNotFoundError(f"no checkpoint for step {step} under {checkpoint_dir}; "
+                              f"available: {sorted(steps)}")
+    raw = mngr.restore(step, args=ocp.args.StandardRestore())
+  finally:
+    mngr.close()
+  return step, raw
+
+
+def load(workdir: str, step: int | None = None) -> FaceModel:
+  """Loads the latest (or ``step``) checkpoint of a ``faceens.train`` run directory."""
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"run directory {workdir!r} does not exist")
+  c = configs.load_run_config(workdir)
+  ckpt = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  if not os.path.isdir(ckpt):
+    raise FileNotFoundError(f"{ckpt} does not exist: the run has not saved a checkpoint yet")
+  step, raw = _restore(ckpt, step)
+  variables = {"params": raw["params"]["backbone"], "batch_stats": raw["batch_stats"]}
+  variables = jax.tree.map(jnp.asarray, variables)
+  return FaceModel(c, variables, workdir=workdir, step=int(step))

@@ -1,0 +1,251 @@
+"""Verification of a trained run: ``python -m faceens.evaluate --workdir=DIR``.
+
+For every evaluation set it reports, for the ensemble and for each member:
+
+  * InsightFace's protocol (``faceens.verification``): flip test-time augmentation, squared L2,
+    10-fold accuracy +- std, mean best threshold, ROC-AUC, TAR@FAR 1e-3 / 1e-4;
+  * under ``paper``: Amada et al.'s plain Euclidean distance between ensemble embeddings without
+    flip (accuracy, threshold, ROC-AUC); its threshold is the attacks' default goal.
+
+Sets: ``--bins=a.bin,b.bin`` (InsightFace verification files), ``--pairs=pairs.txt`` (lines
+``path1 path2 label``, label 1 = same person, paths relative to the file's folder; VGG2-style pair
+lists), or by default the run's own: the bundled held-out identities for the demo, a held-out
+image folder, or ``lfw``, ``cfp_fp`` and ``agedb_30`` next to the MS1MV2 training data.
+Results go to ``DIR/eval.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from faceens import verification
+from faceens.data import demo as demo_data
+from faceens.data import image_folder
+from faceens.data import verification_bin
+from faceens.data.image_folder import DataError
+
+STANDARD_BINS = ("lfw", "cfp_fp", "agedb_30")
+
+
+@dataclasses.dataclass
+class EvalSet:
+  name: str
+  images: np.ndarray   # uint8 [N, S, S, 3]
+  pairs: np.ndarray    # [P, 2] indices into images
+  issame: np.ndarray   # [P] bool
+  source: str
+
+
+# ----------------------------------------------------------------------------- loading sets
+
+
+def heldout_set(c, name: str = "heldout") -> EvalSet | None:
+  """Balanced pairs over the run's held-out identities (``None`` when it has none)."""
+  size, fit = c.data.image_size, c.data.fit
+  if c.data.kind == "orl":
+    root = c.data.root or demo_data.orl_root()
+    held = image_folder.load_image_folder(root, size, fit, demo_data.HELDOUT_IDENTITIES,
+                                          c.data.skip_bad)
+  elif c.data.kind == "image_folder" and c.data.heldout_root:
+    root = c.data.heldout_root
+    held = image_folder.load_image_folder(root, size, fit, skip_bad=c.data.skip_bad)
+  else:
+    return None
+  return faceset_pairs(name, held, c.train.heldout_pairs_seed, root)
+
+
+def faceset_pairs(name: str, faces: image_folder.FaceSet, seed: int, source: str) -> EvalSet:
+  """All genuine pairs of a set of identities and as many seeded impostor pairs."""
+  pairs, issame = demo_data.balanced_pairs(faces.labels, seed=seed)
+  return EvalSet(name, faces.images, pairs, issame, source)
+
+
+def bin_set(path: str, size: int, fit: str = "pad") -> EvalSet:
+  encoded, issame = verification_bin.load_bin(path)
+  if not len(issame):
+    raise DataError(f"{path} holds no pairs")
+  images = verification_bin.decode_images(encoded, size, fit, source=path)
+  pairs = np.arange(len(encoded)).reshape(-1, 2)
+  name = os.path.splitext(os.path.basename(path))[0]
+  return EvalSet(name, images, pairs, issame, path)
+
+
+def pairs_file_set(path: str, size: int, fit: str = "pad") -> EvalSet:
+  """``path1 path2 label`` lines (paths relative to the file's folder; ``#`` comments)."""
+  if not os.path.isfile(path):
+    raise DataError(f"pairs file {path} does not exist")
+  base = os.path.dirname(os.path.abspath(path))
+  index, paths, pairs, issame = {}, [], [], []
+  with open(path) as f:
+    for lineno, line in enumerate(f, 1):
+      line = line.strip()
+      if not line or line.startswith("#"):
+        continue
+      parts = line.split()
+      if len(parts) != 3:
+        raise DataError(f"{path}:{lineno}: expected 'path1 path2 label', got {line!r}")
+      if parts[2] not in ("0", "1"):
+        raise DataError(f"{path}:{lineno}: label must be 1 (same person) or 0 (different), "
+                        f"got {parts[2]!r}")
+      ids = []
+      for p in parts[:2]:
+        full = p if os.path.isabs(p) else os.path.join(base, p)
+        if full not in index:
+          if not os.path.isfile(full):
+            raise DataError(f"{path}:{lineno}: image {full} does not exist")
+          index[full] = len(paths)
+          paths.append(full)
+        ids.append(index[full])
+      pairs.append(ids)
+      issame.append(parts[2] == "1")
+  if not pairs:
+    raise DataError(f"pairs file {path} has no pairs (expected lines 'path1 path2 label')")
+  images = np.stack([image_folder.load_image(p, size, fit) for p in paths])
+  name = os.path.splitext(os.path.basename(path))[0]
+  return EvalSet(name, images, np.asarray(pairs, np.int64), np.asarray(issame), path)
+
+
+def default_sets(c) -> list[EvalSet]:
+  """The run's own evaluation sets (see the module docstring)."""
+  held = heldout_set(c)
+  if held is not None:
+    return [held]
+  if c.data.kind == "ms1mv2" and c.data.root:
+    found = [os.path.join(c.data.root, f"{n}.bin") for n in STANDARD_BINS]
+    found = [p for p in found if os.path.isfile(p)]
+    if found:
+      return [bin_set(p, c.data.image_size, c.data.fit) for p in found]
+    raise DataError(f"no {', '.join(n + '.bin' for n in STANDARD_BINS)} in {c.data.root}; pass "
+                    "--bins=a.bin,b.bin or --pairs=pairs.txt")
+  raise DataError("this run has no default evaluation set (no held-out identities); pass "
+                  "--bins=a.bin,b.bin or --pairs=pairs.txt")
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _summary(metrics: dict) -> dict:
+  keys = ("accuracy", "accuracy_std", "threshold", "roc_auc")
+  return {k: metrics[k] for k in keys}
+
+
+def evaluate_features(feats: np.ndarray, feats_flip: np.ndarray, pairs: np.ndarray,
+                      issame: np.ndarray) -> dict:
+  """Metrics from normalised member features ``[K, N, d]`` of the images and their flips."""
+  V = verification
+  feats, feats_flip = np.asarray(feats, np.float64), np.asarray(feats_flip, np.float64)
+  a, b = pairs[:, 0], pairs[:, 1]
+  ens = feats.mean(axis=0)
+  emb = V.flip_embedding(ens, feats_flip.mean(axis=0))
+  out = V.evaluate(V.distances(emb[a], emb[b], "squared_l2"), issame)
+  out["paper"] = _summary(V.evaluate(V.distances(ens[a], ens[b], "euclidean"), issame))
+  out["members"] = []
+  for k in range(feats.shape[0]):
+    emb_k = V.flip_embedding(feats[k], feats_flip[k])
+    m = V.evaluate(V.distances(emb_k[a], emb_k[b], "squared_l2"), issame)
+    m = _summary(m) | {"tar_at_far": m["tar_at_far"]}
+    m["paper"] = _summary(V.evaluate(V.distances(feats[k][a], feats[k][b], "euclidean"), issame))
+    out["members"].append(m)
+  return out
+
+
+def evaluate_model(model, sets, *, batch_size: int = 64, progress: bool = False) -> dict:
+  """``{name: metrics}`` for a ``faceens.api.FaceModel`` over ``EvalSet``s."""
+  results = {}
+  for s in sets:
+    feats = model.member_features(s.images, batch_size=batch_size, progress=progress,
+                                  desc=s.name)
+    flips = model.member_features(s.images, flip=True, batch_size=batch_size, progress=progress,
+                                  desc=f"{s.name} (flipped)")
+    results[s.name] = evaluate_features(feats, flips, s.pairs, s.issame) | {"source": s.source}
+  return results
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fmt(v, spec=".4f"):
+  return "n/a" if v is None else format(v, spec)
+
+
+def format_table(results: dict) -> str:
+  head = (f"{'dataset':<12} {'pairs':>6} {'model':<9} {'accuracy':>16} {'thr':>5} {'AUC':>6} "
+          f"{'TAR@1e-3':>8} {'TAR@1e-4':>8} | {'paper acc':>9} {'thr':>5}")
+  lines = [head, "-" * len(head)]
+  for name, r in results.items():
+    rows = [("ensemble", r)] + [(f"member {k}", m) for k, m in enumerate(r["members"])]
+    for i, (who, m) in enumerate(rows):
+      tar = m.get("tar_at_far", {})
+      lines.append(
+          f"{name if i == 0 else '':<12} {r['pairs'] if i == 0 else '':>6} {who:<9} "
+          f"{m['accuracy']:>9.4f}+-{m['accuracy_std']:.3f} {m['threshold']:>5.2f} "
+          f"{_fmt(m['roc_auc']):>6} {_fmt(tar.get('0.001')):>8} {_fmt(tar.get('0.0001')):>8} | "
+          f"{m['paper']['accuracy']:>9.4f} {m['paper']['threshold']:>5.2f}")
+  lines.append("accuracy: InsightFace protocol (flip, squared L2, 10 folds); paper: Euclidean, "
+               "no flip; n/a: too few pairs for that FAR")
+  return "\n".join(lines)
+
+
+def run(workdir: str, bins=(), pairs=(), *, batch_size: int = 64, step: int | None = None,
+        progress: bool = True, write: bool = True) -> dict:
+  """Evaluates a run directory; returns (and writes to ``workdir/eval.json``) the results."""
+  from faceens import api
+  model = api.load(workdir, step=step)
+  c = model.config
+  size, fit = model.input_size, c.data.fit
+  sets = [bin_set(p, size, fit) for p in bins] + [pairs_file_set(p, size, fit) for p in pairs]
+  if not sets:
+    sets = default_sets(c)
+  names = [s.name for s in sets]
+  if len(set(names)) != len(names):
+    raise DataError(f"evaluation sets need distinct file names, got {names}")
+  results = evaluate_model(model, sets, batch_size=batch_size, progress=progress)
+  return write_eval_json(workdir, c, model.step, model.num_members, results, write=write)
+
+
+def write_eval_json(workdir, c, step, num_members, results, write: bool = True) -> dict:
+  out = {"step": step, "method": c.method, "loss": c.loss.name, "num_members": num_members,
+         "protocol": "InsightFace: normalise(E(x) + E(flip x)), squared L2, thresholds 0..4 "
+                     "step 0.01, 10 contiguous folds; paper: Euclidean on E(x), no flip",
+         "datasets": results}
+  if write:
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump(out, f, indent=2)
+  return out
+
+
+def main(argv):
+  from absl import flags
+  from absl import logging as absl_logging
+  del argv
+  FLAGS = flags.FLAGS
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  split = lambda s: [p for p in (s or "").split(",") if p]
+  try:
+    out = run(FLAGS.workdir, split(FLAGS.bins), split(FLAGS.pairs), batch_size=FLAGS.batch_size,
+              step=FLAGS.step)
+  except (ValueError, FileNotFoundError, DataError) as e:
+    raise SystemExit(f"error: {e}") from None
+  print(f"{out['loss']}_{out['method']} (K={out['num_members']}, step {out['step']})")
+  print(format_table(out["datasets"]))
+  print(f"wrote {os.path.join(FLAGS.workdir, 'eval.json')}")
+
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string("workdir", None, "run directory written by faceens.train")
+  flags.DEFINE_string("bins", "", "comma-separated InsightFace verification .bin files")
+  flags.DEFINE_string("pairs", "", "comma-separated pair lists ('path1 path2 label' lines)")
+  flags.DEFINE_integer("batch_size", 64, "images per jitted batch")
+  flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+  flags.mark_flags_as_required(["workdir"])
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,70 @@
+"""Same person or not: ``python -m faceens.verify --workdir=DIR a.jpg b.jpg``.
+
+Uses InsightFace's protocol (flip test-time augmentation, squared L2 distance) and the threshold
+of the run's last ``faceens.evaluate`` (``DIR/eval.json``), or ``--threshold``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from faceens.data.image_folder import DataError
+
+
+def verify(model, image_a: str, image_b: str, threshold: float | None = None,
+           member: int | None = None) -> dict:
+  from faceens import verification
+  from faceens.data.image_folder import load_image
+  images = np.stack([load_image(p, model.input_size, model.config.data.fit)
+                     for p in (image_a, image_b)])
+  emb = model.embed(images, member=member, flip=True)
+  dist = float(verification.distances(emb[:1], emb[1:], "squared_l2")[0])
+  if threshold is None:
+    threshold = model.threshold
+  if threshold is None:
+    raise ValueError(f"no threshold: run python -m faceens.evaluate --workdir={model.workdir} "
+                     "first, or pass --threshold")
+  return {"image_a": image_a, "image_b": image_b, "distance": dist, "threshold": float(threshold),
+          "same": bool(dist < threshold), "metric": "squared_l2 (flip TTA)",
+          "member": member, "threshold_source": model.threshold_source if threshold == model.threshold
+          else "--threshold"}
+
+
+def main(argv):
+  from absl import flags
+  from absl import logging as absl_logging
+  FLAGS = flags.FLAGS
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  paths = argv[1:]
+  if len(paths) != 2:
+    raise SystemExit(f"error: expected two image paths, got {len(paths)}: "
+                     "python -m faceens.verify --workdir=DIR a.jpg b.jpg")
+  try:
+    from faceens import api
+    model = api.load(FLAGS.workdir)
+    r = verify(model, *paths, threshold=FLAGS.threshold, member=FLAGS.member)
+  except (ValueError, FileNotFoundError, DataError) as e:
+    raise SystemExit(f"error: {e}") from None
+  if FLAGS.json:
+    print(json.dumps(r))
+    return
+  verdict = "SAME person" if r["same"] else "DIFFERENT people"
+  print(f"distance {r['distance']:.4f} {'<' if r['same'] else '>='} threshold "
+        f"{r['threshold']:.4f} ({r['threshold_source']}): {verdict}")
+
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string("workdir", None, "run directory written by faceens.train")
+  flags.DEFINE_float("threshold", None, "squared-L2 threshold (default: from eval.json)")
+  flags.DEFINE_integer("member", None, "use member k alone (default: the ensemble)")
+  flags.DEFINE_bool("json", False, "print the result as JSON")
+  flags.mark_flags_as_required(["workdir"])
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)
