@@ -43,17 +43,23 @@ class EvalSet:
 # ----------------------------------------------------------------------------- loading sets
 
 
-def heldout_set(c, name: str = "heldout") -> EvalSet | None:
-  """Balanced pairs over the run's held-out identities (``None`` when it has none)."""
+def heldout_faces(c) -> tuple[image_folder.FaceSet, str] | tuple[None, None]:
+  """The run's held-out people (``(FaceSet, source)``), or ``(None, None)``."""
   size, fit = c.data.image_size, c.data.fit
   if c.data.kind == "orl":
     root = c.data.root or demo_data.orl_root()
-    held = image_folder.load_image_folder(root, size, fit, demo_data.HELDOUT_IDENTITIES,
-                                          c.data.skip_bad)
-  elif c.data.kind == "image_folder" and c.data.heldout_root:
+    return image_folder.load_image_folder(root, size, fit, demo_data.HELDOUT_IDENTITIES,
+                                          c.data.skip_bad), root
+  if c.data.kind == "image_folder" and c.data.heldout_root:
     root = c.data.heldout_root
-    held = image_folder.load_image_folder(root, size, fit, skip_bad=c.data.skip_bad)
-  else:
+    return image_folder.load_image_folder(root, size, fit, skip_bad=c.data.skip_bad), root
+  return None, None
+
+
+def heldout_set(c, name: str = "heldout") -> EvalSet | None:
+  """Balanced pairs over the run's held-out identities (``None`` when it has none)."""
+  held, root = heldout_faces(c)
+  if held is None:
     return None
   return faceset_pairs(name, held, c.train.heldout_pairs_seed, root)
 

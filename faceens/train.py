@@ -116,24 +116,22 @@ def normalize_images(images):
 
 
 def craft_mter(apply_eval, pixels, target_features, c):
-  """I-FGSM sign steps in [0, 1] pixel space pulling f~(x) towards ``target_features`` (MTER).
+  """MTER's adversarial examples with the attack code (``faceens.attacks``): ``advt.iters``
+  sign steps in [0, 1] pixel space pulling member 0's normalised feature towards
+  ``target_features``, projected to the L_inf ball ``advt.epsilon`` around the source (BIM).
 
-  ``apply_eval(x_normalised) -> [1, B, d]``; L_inf ball ``advt.epsilon`` around the source.
+  ``apply_eval(x_normalised) -> [K, B, d]``.
   """
+  from faceens.attacks import lots
   tgt = jax.lax.stop_gradient(l2_normalize(target_features))
-
-  def dist(p):
-    f = l2_normalize(apply_eval((p - 0.5) / 0.5)[0])
-    return jnp.sum(jnp.square(f - tgt))
-
-  grad = jax.grad(dist)
-
-  def body(_, p):
-    p = p - c.advt.step_size * jnp.sign(grad(p))
-    p = jnp.clip(p, pixels - c.advt.epsilon, pixels + c.advt.epsilon)
-    return jnp.clip(p, 0.0, 1.0)
-
-  return jax.lax.stop_gradient(jax.lax.fori_loop(0, c.advt.iters, body, pixels))
+  features = lambda p: l2_normalize(apply_eval((p - 0.5) / 0.5)[:1])  # noqa: E731
+  cfg = lots.AttackConfig(method="bim", step_size=c.advt.step_size, epsilon=c.advt.epsilon,
+                          max_iters=c.advt.iters)
+  # Goal 0: no example is ever done, every example takes exactly advt.iters steps.
+  goal = jnp.zeros(pixels.shape[:1], jnp.float32)
+  x_adv, _, _ = lots.run_loop(lots.make_losses(features, tgt, "ensemble"), pixels, pixels, goal,
+                              cfg, None)
+  return jax.lax.stop_gradient(x_adv)
 
 
 # ----------------------------------------------------------------------------- train step
@@ -422,9 +420,10 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
       if is_main:
         with open(metrics_path, "a") as f:
           f.write(json.dumps(record) + "\n")
-      bar.write(f"step {done}: " + ", ".join(
-          f"{n} accuracy {r['accuracy']:.4f} (paper {r['paper']['accuracy']:.4f})"
-          for n, r in results.items()))
+      if progress and is_main:
+        bar.write(f"step {done}: " + ", ".join(
+            f"{n} accuracy {r['accuracy']:.4f} (paper {r['paper']['accuracy']:.4f})"
+            for n, r in results.items()))
     bar.update(1)
     mngr.save(done, args=_save_args(state), force=(done == num_steps))
     if stop_after is not None and done >= stop_after:

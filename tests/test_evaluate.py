@@ -12,23 +12,13 @@ import pytest
 from PIL import Image
 
 import faceens
-from faceens import configs, evaluate, train, verification
+from faceens import evaluate, verification
 from faceens.data import demo, verification_bin
 from faceens.data.image_folder import DataError, fit_image
 from tests.conftest import REPO
 
 SMALL_LFW = os.path.join(REPO, "..", "shared", "data", "insightface_small_lfw", "small_lfw.bin")
 ORL = demo.orl_root()
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  c = configs.method_config("srv_fdp", "arcface", "test")
-  c.train.steps = 3
-  c.train.eval_every = 2
-  workdir = str(tmp_path_factory.mktemp("run"))
-  train.train_and_evaluate(c, workdir, progress=False)
-  return workdir
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,344 @@
+"""Attack benchmark of trained runs: ``python -m faceens.attack --workdir=DIR --method=ifgsm,bim,cw``.
+
+White-box (default): LOTS adversarial examples on the run's own ensemble embedding (the paper's
+adaptive attack) for N seeded source/target pairs of different people, with every step rule
+asked for (``faceens.attacks.lots``); ``<method>:members`` attacks all member features at once.
+Per method it writes ``attack_<method>.json`` (summary and the tau-success curve of Amada et al.
+Eq. 1) and ``attack_<method>.npz`` (x_src, x_tgt, x_adv float32 NHWC in [0, 1], success,
+iterations, goal, distance, l2, linf), and ``attack_summary.json`` says which attack needed the
+least perturbation.
+
+Black-box transfer (``--source-workdir=SRC``): adversarial examples are crafted on SRC at feature
+distances ``--distances`` (0.2 .. 1.2), each continuing from the previous larger one, and every
+run in ``--workdir`` (comma-separated) is asked whether it verifies them as the target person
+at its own threshold: ``transfer_<method>.json`` in each of those runs.
+
+Goal: ``--goal=threshold`` (the run's Euclidean verification threshold from its last evaluation,
+the paper's protocol) or a fixed feature distance such as ``--goal=0.2``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+from faceens.attacks import lots
+from faceens.data.image_folder import DataError
+
+
+def parse_methods(spec: str) -> list[tuple[str, str, str]]:
+  """``"ifgsm,cw,ifgsm:members"`` -> ``[(name, method, objective)]``."""
+  out = []
+  for item in [m.strip() for m in spec.split(",") if m.strip()]:
+    method, _, objective = item.partition(":")
+    objective = objective or "ensemble"
+    if method not in lots.METHODS:
+      raise ValueError(f"unknown attack method {method!r} in --method; valid: "
+                       f"{', '.join(lots.METHODS)} (optionally ':members')")
+    if objective not in lots.OBJECTIVES:
+      raise ValueError(f"unknown objective {objective!r} in --method={item}; valid: "
+                       f"{', '.join(lots.OBJECTIVES)}")
+    name = method if objective == "ensemble" else f"{method}_{objective}"
+    out.append((name, method, objective))
+  if not out:
+    raise ValueError("--method is empty; valid: " + ", ".join(lots.METHODS))
+  return out
+
+
+def make_pairs(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+  """``n`` distinct seeded (source, target) index pairs of different identities."""
+  labels = np.asarray(labels)
+  if len(set(labels.tolist())) < 2:
+    raise DataError("attack pairs need images of at least two people")
+  cand = np.array([(i, j) for i in range(len(labels)) for j in range(len(labels))
+                   if labels[i] != labels[j]])
+  rng = np.random.default_rng(seed)
+  if n > len(cand):
+    raise ValueError(f"--pairs={n} exceeds the {len(cand)} different-identity pairs available")
+  return cand[np.sort(rng.choice(len(cand), n, replace=False))]
+
+
+def attack_images(model, images_dir: str | None):
+  """uint8 images and labels to draw pairs from: ``images_dir`` or the run's held-out people."""
+  from faceens import evaluate
+  from faceens.data import image_folder
+  c = model.config
+  if images_dir:
+    faces = image_folder.load_image_folder(images_dir, model.input_size, c.data.fit)
+    return faces.images, faces.labels, images_dir
+  held, source = evaluate.heldout_faces(c)
+  if held is None:
+    raise DataError("this run has no held-out people to attack; pass --images=DIR "
+                    "(DIR/<identity>/*.jpg)")
+  return held.images, held.labels, source
+
+
+def _goal_value(model, goal: str) -> float:
+  if goal == "threshold":
+    if model.paper_threshold is None:
+      raise ValueError(f"{model.workdir} has no verification threshold yet; run "
+                       f"python -m faceens.evaluate --workdir={model.workdir} or pass --goal=0.2")
+    return float(model.paper_threshold)
+  try:
+    value = float(goal)
+  except ValueError:
+    raise ValueError(f"--goal must be 'threshold' or a feature distance > 0, got {goal!r}") from None
+  if value <= 0:
+    raise ValueError(f"--goal must be > 0, got {value}")
+  return value
+
+
+def _mesh():
+  import jax
+
+  from faceens.train import make_mesh
+  return make_mesh() if jax.device_count() > 1 else None
+
+
+def run_batches(model, x_src, x_tgt, goal, cfg: lots.AttackConfig, *, batch_size: int = 64,
+                x_init=None, seed: int = 0, progress: bool = True, desc: str = "attack") -> dict:
+  """Attacks every (x_src[i] -> x_tgt[i]) in jitted batches; numpy results and timings."""
+  import jax
+  from tqdm import tqdm
+  mesh = _mesh()
+  n_dev = mesh.size if mesh is not None else 1
+  batch_size = -(-batch_size // n_dev) * n_dev
+  variables = model.variables
+  tgt_feats = model.member_features(x_tgt, batch_size=batch_size)            # [K, N, d]
+  targets_all = tgt_feats if cfg.objective == "members" else tgt_feats.mean(axis=0)
+  n = len(x_src)
+  goal = np.broadcast_to(np.asarray(goal, np.float32), (n,))
+
+  def batch(i):
+    sl = slice(i, min(i + batch_size, n))
+    pad = batch_size - (sl.stop - sl.start)
+    padn = lambda a, axis=0: np.concatenate(  # noqa: E731
+        [a, np.repeat(np.take(a, [-1], axis=axis), pad, axis=axis)], axis=axis) if pad else a
+    xs = padn(x_src[sl])
+    xi = None if x_init is None else padn(x_init[sl])
+    tg = padn(targets_all[:, sl], 1) if cfg.objective == "members" else padn(targets_all[sl])
+    g = np.concatenate([goal[sl], np.full(pad, np.inf, np.float32)])  # padding: done at once
+    return xs, xi, tg, g, batch_size - pad
+
+  # Compile outside the clock: the same shapes with an infinite goal exit the loop at once.
+  t0 = time.perf_counter()
+  xs, xi, tg, g, _ = batch(0)
+  lots.attack(model.apply, variables, xs, tg, np.full_like(g, np.inf), cfg, x_init=xi, mesh=mesh)
+  compile_s = time.perf_counter() - t0
+  outs = []
+  t0 = time.perf_counter()
+  with tqdm(total=n, disable=not progress, unit="AX", desc=desc, dynamic_ncols=True) as bar:
+    for i in range(0, n, batch_size):
+      xs, xi, tg, g, real = batch(i)
+      r = lots.attack_with_restarts(model.apply, variables, xs, tg, g, cfg, x_init=xi,
+                                    seed=seed + i, mesh=mesh)
+      outs.append({k: v[:real] for k, v in r.items()})
+      done = sum(int(o["success"].sum()) for o in outs)
+      bar.set_postfix(success=f"{done}/{sum(len(o['success']) for o in outs)}",
+                      ax_s=f"{done / (time.perf_counter() - t0):.2f}")
+      bar.update(real)
+  seconds = time.perf_counter() - t0
+  jax.block_until_ready(outs[-1]["x_adv"])
+  res = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+  res["seconds"], res["compile_seconds"] = seconds, compile_s
+  return res
+
+
+def summarize(res: dict, cfg: lots.AttackConfig, name: str) -> dict:
+  s = res["success"]
+  it = res["iterations"]
+  l2, linf = res["l2"], res["linf"]
+  med = lambda a: float(np.median(a)) if len(a) else None  # noqa: E731
+  return {
+      "method": name, "n": int(len(s)), "success_rate": float(s.mean()) if len(s) else 0.0,
+      "ax_per_s": float(s.sum() / res["seconds"]) if res["seconds"] > 0 else None,
+      "seconds": res["seconds"], "compile_seconds": res["compile_seconds"],
+      "iterations_median": med(it), "iterations_max": int(it.max()) if len(it) else None,
+      "hit_iteration_cap": int(np.sum(it >= cfg.max_iters)), "max_iters": cfg.max_iters,
+      "l2_median": med(l2[s]), "linf_median": med(linf[s]), "l2_mean": float(l2[s].mean())
+      if s.any() else None, "distance_median": med(res["distance"]),
+      "goal_median": med(res["goal"]), "config": {k: v for k, v in vars(cfg).items()},
+  }
+
+
+def white_box(model, methods, n_pairs: int, goal: str, out_dir: str, *, images_dir=None,
+              seed: int = 0, batch_size: int = 64, max_iters: int = 5000, epsilon: float = 0.1,
+              step_size: float = 1 / 255, cw_lr: float = 0.01, cw_c: float = 10.0, cw_patience: int = 20,
+              restarts: int = 1, progress: bool = True) -> dict:
+  images, labels, source = attack_images(model, images_dir)
+  pairs = make_pairs(labels, n_pairs, seed)
+  x = model.prepare(images)
+  x_src, x_tgt = x[pairs[:, 0]], x[pairs[:, 1]]
+  g = _goal_value(model, goal)
+  os.makedirs(out_dir, exist_ok=True)
+  summaries = {}
+  for name, method, objective in methods:
+    cfg = lots.AttackConfig(method=method, objective=objective, max_iters=max_iters,
+                            epsilon=epsilon, step_size=step_size, cw_lr=cw_lr, cw_c=cw_c,
+                            cw_patience=cw_patience,
+                            restarts=restarts).validate()
+    res = run_batches(model, x_src, x_tgt, g, cfg, batch_size=batch_size, seed=seed,
+                      progress=progress, desc=name)
+    summ = summarize(res, cfg, name)
+    summ.update({"workdir": model.workdir, "goal": goal, "pairs_from": source, "seed": seed})
+    curve = lots.tau_curve(res["l2"], res["success"])
+    with open(os.path.join(out_dir, f"attack_{name}.json"), "w") as f:
+      json.dump({"summary": summ, "tau_curve": curve}, f, indent=2)
+    np.savez_compressed(os.path.join(out_dir, f"attack_{name}.npz"), x_src=x_src, x_tgt=x_tgt,
+                        x_adv=res["x_adv"], success=res["success"], iterations=res["iterations"],
+                        goal=res["goal"], distance=res["distance"], l2=res["l2"],
+                        linf=res["linf"], pairs=pairs)
+    summaries[name] = summ
+  ok = {k: v for k, v in summaries.items() if v["l2_median"] is not None}
+  best_rate = max((v["success_rate"] for v in ok.values()), default=0)
+  strongest = min((k for k, v in ok.items() if v["success_rate"] == best_rate),
+                  key=lambda k: ok[k]["l2_median"], default=None)
+  overall = {"workdir": model.workdir, "methods": summaries, "least_perturbation": strongest,
+             "note": "least_perturbation: among the attacks with the highest success rate, the "
+                     "one with the smallest median L2 perturbation"}
+  with open(os.path.join(out_dir, "attack_summary.json"), "w") as f:
+    json.dump(overall, f, indent=2)
+  return overall
+
+
+def black_box(source_model, target_models, methods, n_pairs: int, distances, *, images_dir=None,
+              seed: int = 0, batch_size: int = 64, max_iters: int = 5000, epsilon: float = 0.1,
+              step_size: float = 1 / 255, cw_lr: float = 0.01, cw_c: float = 10.0, cw_patience: int = 20,
+              restarts: int = 1, out_dirs=None, progress: bool = True) -> dict:
+  for t in target_models:
+    if t.input_size != source_model.input_size:
+      raise ValueError(f"{t.workdir} takes {t.input_size}px inputs but the source "
+                       f"{source_model.workdir} takes {source_model.input_size}px")
+    if t.paper_threshold is None:
+      raise ValueError(f"{t.workdir} has no verification threshold; run python -m "
+                       f"faceens.evaluate --workdir={t.workdir} first")
+  images, labels, source = attack_images(source_model, images_dir)
+  pairs = make_pairs(labels, n_pairs, seed)
+  x = source_model.prepare(images)
+  x_src, x_tgt = x[pairs[:, 0]], x[pairs[:, 1]]
+  tgt_emb = [t.embed(x_tgt) for t in target_models]
+  results = {}
+  for name, method, objective in methods:
+    cfg = lots.AttackConfig(method=method, objective=objective, max_iters=max_iters,
+                            epsilon=epsilon, step_size=step_size, cw_lr=cw_lr, cw_c=cw_c,
+                            cw_patience=cw_patience,
+                            restarts=restarts).validate()
+    x_cur, iters_total = None, np.zeros(len(x_src), np.int64)
+    points = [[] for _ in target_models]
+    for d in sorted(distances, reverse=True):
+      res = run_batches(source_model, x_src, x_tgt, d, cfg, batch_size=batch_size, x_init=x_cur,
+                        seed=seed, progress=progress, desc=f"{name} d<{d:g}")
+      x_cur = res["x_adv"]
+      iters_total += res["iterations"]
+      ok = res["success"]
+      for ti, t in enumerate(target_models):
+        e = t.embed(res["x_adv"])
+        fooled = np.linalg.norm(e - tgt_emb[ti], axis=1) < t.paper_threshold
+        points[ti].append({
+            "distance": d, "n": int(len(ok)), "source_success_rate": float(ok.mean()),
+            "transfer_rate": float(fooled[ok].mean()) if ok.any() else None,
+            "transfer_rate_all": float(fooled.mean()),
+            "target_threshold": float(t.paper_threshold),
+            "l2_mean": float(res["l2"][ok].mean()) if ok.any() else None,
+            "linf_mean": float(res["linf"][ok].mean()) if ok.any() else None,
+            "iterations_median": float(np.median(iters_total)),
+            "ax_per_s": float(ok.sum() / res["seconds"])})
+    for ti, t in enumerate(target_models):
+      out_dir = out_dirs[ti] if out_dirs else os.path.join(t.workdir, "attacks")
+      os.makedirs(out_dir, exist_ok=True)
+      doc = {"source": source_model.workdir, "target": t.workdir, "method": name,
+             "pairs_from": source, "seed": seed, "config": vars(cfg),
+             "points": sorted(points[ti], key=lambda p: p["distance"])}
+      with open(os.path.join(out_dir, f"transfer_{name}.json"), "w") as f:
+        json.dump(doc, f, indent=2)
+      results[(t.workdir, name)] = doc
+  return results
+
+
+def _print_white(overall: dict) -> None:
+  print(f"{'method':<16} {'n':>5} {'success':>8} {'AX/s':>8} {'iters med/max':>14} "
+        f"{'L2 med':>8} {'Linf med':>9}")
+  for name, s in overall["methods"].items():
+    fmt = lambda v, f=".4f": "n/a" if v is None else format(v, f)  # noqa: E731
+    print(f"{name:<16} {s['n']:>5} {s['success_rate']:>8.3f} {fmt(s['ax_per_s'], '.2f'):>8} "
+          f"{fmt(s['iterations_median'], '.0f'):>6}/{s['iterations_max'] or 0:<7} "
+          f"{fmt(s['l2_median']):>8} {fmt(s['linf_median']):>9}")
+  print(f"least perturbation: {overall['least_perturbation']}")
+
+
+def main(argv):
+  from absl import flags
+  from absl import logging as absl_logging
+  del argv
+  FLAGS = flags.FLAGS
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  import jax
+  if FLAGS.distributed:
+    jax.distributed.initialize()
+  from faceens import api
+  kw = dict(images_dir=FLAGS.images, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
+            max_iters=FLAGS.max_iters, epsilon=FLAGS.epsilon, step_size=FLAGS.step_size,
+            cw_lr=FLAGS.cw_lr, cw_c=FLAGS.cw_c, cw_patience=FLAGS.cw_patience,
+            restarts=FLAGS.restarts,
+            progress=jax.process_index() == 0)
+  try:
+    methods = parse_methods(FLAGS.method)
+    workdirs = [w for w in FLAGS.workdir.split(",") if w]
+    if FLAGS.source_workdir:
+      distances = [float(d) for d in FLAGS.distances.split(",") if d]
+      if not distances or min(distances) <= 0:
+        raise ValueError(f"--distances must be positive floats, got {FLAGS.distances!r}")
+      src = api.load(FLAGS.source_workdir)
+      targets = [api.load(w) for w in workdirs]
+      out_dirs = [FLAGS.out] * len(targets) if FLAGS.out and len(targets) == 1 else None
+      res = black_box(src, targets, methods, FLAGS.pairs, distances, out_dirs=out_dirs, **kw)
+      for (target, name), doc in res.items():
+        print(f"{name}: {FLAGS.source_workdir} -> {target}")
+        for p in doc["points"]:
+          rate = "n/a" if p["transfer_rate"] is None else f"{p['transfer_rate']:.3f}"
+          l2 = "n/a" if p["l2_mean"] is None else f"{p['l2_mean']:.3f}"
+          print(f"  distance {p['distance']:.2f}: source success {p['source_success_rate']:.3f}, "
+                f"transfer {rate}, mean L2 {l2}")
+      return
+    if len(workdirs) != 1:
+      raise ValueError("white-box attacks take one --workdir (several only with --source-workdir)")
+    model = api.load(workdirs[0])
+    out = FLAGS.out or os.path.join(workdirs[0], "attacks")
+    overall = white_box(model, methods, FLAGS.pairs, FLAGS.goal, out, **kw)
+  except (ValueError, FileNotFoundError, DataError) as e:
+    raise SystemExit(f"error: {e}") from None
+  _print_white(overall)
+  print(f"wrote {out}/attack_<method>.json, .npz, attack_summary.json")
+
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string("workdir", None, "run directory (several, comma-separated, for transfer)")
+  flags.DEFINE_string("method", "ifgsm", "comma-separated: " + ", ".join(lots.METHODS) +
+                      "; append ':members' to attack every member feature at once")
+  flags.DEFINE_integer("pairs", 100, "number of source/target pairs (different people)")
+  flags.DEFINE_string("goal", "threshold", "'threshold' (the run's) or a feature distance")
+  flags.DEFINE_string("source_workdir", None, "black-box: craft on this run, test on --workdir")
+  flags.DEFINE_string("distances", "0.2,0.4,0.6,0.8,1.0,1.2", "black-box feature distances")
+  flags.DEFINE_string("images", None, "image folder to draw pairs from (default: held-out people)")
+  flags.DEFINE_string("out", None, "output folder (default: <workdir>/attacks)")
+  flags.DEFINE_integer("seed", 0, "pair sampling seed")
+  flags.DEFINE_integer("batch_size", 64, "examples per jitted batch (sharded over devices)")
+  flags.DEFINE_integer("max_iters", 5000, "iteration cap (reported)")
+  flags.DEFINE_float("epsilon", 0.1, "bim/pgd L_inf radius (paper 0.1)")
+  flags.DEFINE_float("step_size", 1 / 255, "sign-step size in [0, 1] pixel units")
+  flags.DEFINE_float("cw_lr", 0.01, "cw Adam learning rate on tanh-space variables")
+  flags.DEFINE_float("cw_c", 10.0, "cw weight of the distance term")
+  flags.DEFINE_integer("cw_patience", 20, "cw: iterations without a smaller successful L2")
+  flags.DEFINE_integer("restarts", 1, "pgd random restarts")
+  flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
+  flags.mark_flags_as_required(["workdir"])
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,275 @@
+"""LOTS (Rozsa, Guenther, Boult 2017): move a face's feature onto a target feature.
+
+Minimise ``||E(x) - t||^2`` over the input ``x`` (pixels in [0, 1]; the model normalises inside)
+towards precomputed target features ``t``, with one of these step rules:
+
+  * ``lots``: Rozsa et al.'s step, the gradient scaled by its max-norm: ``x -= a * g / max|g|``
+    (the largest pixel change is ``a``; default 1/255, one grey level);
+  * ``ifgsm``: sign steps ``x -= a * sign(g)`` (a = 1/255);
+  * ``bim``: sign steps projected onto the L_inf ball of radius ``epsilon`` around the source
+    (Kurakin et al.; the paper uses epsilon = 0.1);
+  * ``mifgsm``: sign steps of the accumulated L1-normalised gradient (Dong et al. 2018, mu = 1);
+  * ``pgd``: BIM from a uniform random start in the ball (Madry et al.); ``restarts`` > 1 reruns the
+    batch from fresh random starts and keeps each example's least-perturbed success;
+  * ``cw``: Carlini-Wagner L2 in tanh space, ``||x - x_s||^2 + c * max(d^2 / goal^2 - 1, 0)``
+    (the hinge relative to the goal), minimised with Adam. ``c`` starts at ``cw_c`` and grows
+    tenfold after every ``max(cw_patience, 10)`` iterations without success (in place of Carlini and
+    Wagner's binary search over c). As in their code, the result is the successful iterate
+    with the smallest L2: an example is done once it has succeeded and that smallest L2 has not
+    improved for ``cw_patience`` iterations (0: the first success, like the other rules).
+
+Every rule also clips to [0, 1]. One jitted ``lax.while_loop`` runs a whole batch: an example is
+done the moment its distance falls below its goal (``cw``: see above) and from then on its
+``x`` no longer changes (bit for bit); the loop ends when all are done or after ``max_iters``
+(default 5000; the paper set no limit). The batch can be sharded over the devices of a
+``jax.sharding.Mesh``.
+
+``objective="members"`` attacks every member feature at once (``sum_k ||f_k(x) - t_k||^2``, the
+targets being the target image's member features) instead of the ensemble embedding; success is
+always judged on the ensemble embedding's distance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+METHODS = ("lots", "ifgsm", "bim", "mifgsm", "pgd", "cw")
+OBJECTIVES = ("ensemble", "members")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackConfig:
+  method: str = "ifgsm"
+  step_size: float = 1.0 / 255     # lots / ifgsm / bim / mifgsm / pgd: pixel units in [0, 1]
+  epsilon: float = 0.1             # bim / pgd: L_inf radius (paper: 0.1)
+  max_iters: int = 5000            # cap (the paper: none); reported per example
+  momentum: float = 1.0            # mifgsm decay mu
+  restarts: int = 1                # pgd: random restarts for the examples still failing
+  cw_lr: float = 0.01              # cw: Adam learning rate on tanh-space variables (see README)
+  cw_c: float = 0.1                # cw: initial weight of the distance hinge (x10 when stuck)
+  cw_patience: int = 20            # cw: iterations without a smaller successful L2 before done
+  objective: str = "ensemble"
+
+  def validate(self):
+    if self.method not in METHODS:
+      raise ValueError(f"unknown attack method {self.method!r}; valid: {', '.join(METHODS)}")
+    if self.objective not in OBJECTIVES:
+      raise ValueError(f"unknown objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}")
+    if self.max_iters < 1 or self.step_size <= 0 or self.epsilon <= 0 or self.restarts < 1:
+      raise ValueError("max_iters >= 1, step_size > 0, epsilon > 0 and restarts >= 1 are required, "
+                       f"got {self}")
+    if self.method == "cw" and (self.cw_lr <= 0 or self.cw_c <= 0 or self.cw_patience < 0):
+      raise ValueError(f"cw needs cw_lr > 0, cw_c > 0 and cw_patience >= 0, got {self}")
+    return self
+
+
+def _bcast(mask, x):
+  return mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
+
+
+def _per_example(fn):
+  """``fn(x) -> [B]`` losses -> ``x -> ([B] losses, [B, ...] per-example gradients)``."""
+  def value_and_grad(x):
+    losses, vjp = jax.vjp(fn, x)
+    return losses, vjp(jnp.ones_like(losses))[0]
+  return value_and_grad
+
+
+def make_losses(features: Callable, targets, objective: str):
+  """``x -> (loss [B], dist [B])``.
+
+  ``features(x) -> [K, B, d]`` normalised member features; ``targets``: ``[B, d]`` ensemble
+  embeddings (``objective="ensemble"``) or ``[K, B, d]`` member features (``"members"``).
+  ``dist`` is always the Euclidean distance of the ensemble embedding to the target's.
+  """
+  def losses(x):
+    f = features(x)
+    emb = jnp.mean(f, axis=0)
+    if objective == "members":
+      tgt_emb = jnp.mean(targets, axis=0)
+      loss = jnp.sum(jnp.square(f - targets), axis=(0, 2))
+    else:
+      tgt_emb = targets
+      loss = jnp.sum(jnp.square(emb - targets), axis=-1)
+    dist = jnp.sqrt(jnp.sum(jnp.square(emb - tgt_emb), axis=-1))
+    return loss, dist
+  return losses
+
+
+def run_loop(losses, x_src, x0, goal, cfg: AttackConfig, key):
+  """The while loop; returns ``(x_adv, iterations, dist)`` with dist measured at x_adv."""
+  value_and_grad = _per_example(lambda x: losses(x)[0])
+  b = x_src.shape[0]
+  lo = jnp.clip(x_src - cfg.epsilon, 0.0, 1.0)
+  hi = jnp.clip(x_src + cfg.epsilon, 0.0, 1.0)
+  projected = cfg.method in ("bim", "pgd")
+  if cfg.method == "pgd":
+    x0 = jnp.clip(x0 + jax.random.uniform(key, x0.shape, x0.dtype, -cfg.epsilon, cfg.epsilon),
+                  lo, hi)
+  reduce = lambda a: tuple(range(1, a.ndim))  # noqa: E731
+  if cfg.method == "cw":
+    w0 = jnp.arctanh(jnp.clip(2.0 * x0 - 1.0, -1 + 1e-6, 1 - 1e-6))
+    # (w, Adam m, Adam v, best successful x, its L2^2, iterations since it improved)
+    aux0 = (w0, jnp.zeros_like(w0), jnp.zeros_like(w0), x0, jnp.full((b,), jnp.inf, x0.dtype),
+            jnp.zeros((b,), jnp.int32), jnp.full((b,), cfg.cw_c, x0.dtype))
+  elif cfg.method == "mifgsm":
+    aux0 = (jnp.zeros_like(x0),)
+  else:
+    aux0 = ()
+  _, d0 = losses(x0)
+  done0 = d0 < goal
+  if cfg.method == "cw":
+    first = done0 & (cfg.cw_patience == 0)
+    aux0 = aux0[:4] + (jnp.where(done0, jnp.sum(jnp.square(x0 - x_src), axis=reduce(x0)),
+                                 aux0[4]),) + aux0[5:]
+    done0 = first
+
+  def cond(s):
+    i, _, done, *_ = s
+    return (i < cfg.max_iters) & ~jnp.all(done)
+
+  def body(s):
+    i, x, done, iters, aux = s
+    active = ~done
+    if cfg.method == "cw":
+      w, m, v, best_x, best_l2, since, c_w = aux
+
+      def cw_loss(w):
+        xw = 0.5 * (jnp.tanh(w) + 1.0)
+        _, dist = losses(xw)
+        l2 = jnp.sum(jnp.square(xw - x_src), axis=tuple(range(1, x.ndim)))
+        return l2 + c_w * jnp.maximum(jnp.square(dist / goal) - 1.0, 0.0)
+
+      _, g = _per_example(cw_loss)(w)
+      t = (iters + 1).astype(w.dtype)
+      m2 = 0.9 * m + 0.1 * g
+      v2 = 0.999 * v + 0.001 * jnp.square(g)
+      mhat = m2 / _bcast(1 - 0.9 ** t, m2)
+      vhat = v2 / _bcast(1 - 0.999 ** t, v2)
+      w2 = w - cfg.cw_lr * mhat / (jnp.sqrt(vhat) + 1e-8)
+      keep = _bcast(active, w)
+      w2, m2, v2 = (jnp.where(keep, a2, a1) for a1, a2 in zip((w, m, v), (w2, m2, v2)))
+      x_new = 0.5 * (jnp.tanh(w2) + 1.0)
+    else:
+      _, g = value_and_grad(x)
+      if cfg.method == "lots":
+        scale = jnp.max(jnp.abs(g), axis=tuple(range(1, g.ndim)), keepdims=True)
+        step = g / jnp.maximum(scale, 1e-30)
+        new_aux = aux
+      elif cfg.method == "mifgsm":
+        l1 = jnp.sum(jnp.abs(g), axis=tuple(range(1, g.ndim)), keepdims=True)
+        mom = cfg.momentum * aux[0] + g / jnp.maximum(l1, 1e-30)
+        new_aux = (jnp.where(_bcast(active, mom), mom, aux[0]),)
+        step = jnp.sign(mom)
+      else:
+        step = jnp.sign(g)
+        new_aux = aux
+      x_new = x - cfg.step_size * step
+      x_new = jnp.clip(x_new, lo, hi) if projected else jnp.clip(x_new, 0.0, 1.0)
+    x = jnp.where(_bcast(active, x), x_new, x)
+    iters = iters + active.astype(jnp.int32)
+    _, dist = losses(x)
+    if cfg.method == "cw":
+      l2 = jnp.sum(jnp.square(x - x_src), axis=reduce(x))
+      better = active & (dist < goal) & (l2 < best_l2)
+      best_x = jnp.where(_bcast(better, x), x, best_x)
+      best_l2 = jnp.where(better, l2, best_l2)
+      since = jnp.where(better, 0, since + active.astype(jnp.int32))
+      # No success for cw_patience iterations: the distance term weighs 10x more (in place of
+      # Carlini and Wagner's search over c).
+      stuck = active & ~jnp.isfinite(best_l2) & (since > 0) & (since % max(cfg.cw_patience, 10) == 0)
+      c_w = jnp.where(stuck, c_w * 10.0, c_w)
+      new_aux = (w2, m2, v2, best_x, best_l2, since, c_w)
+      done = done | (jnp.isfinite(best_l2) & (since >= cfg.cw_patience))
+    else:
+      done = done | (dist < goal)
+    return i + 1, x, done, iters, new_aux
+
+  init = (jnp.zeros((), jnp.int32), x0, done0, jnp.zeros((b,), jnp.int32), aux0)
+  _, x_adv, _, iters, aux = jax.lax.while_loop(cond, body, init)
+  if cfg.method == "cw":
+    x_adv = jnp.where(_bcast(jnp.isfinite(aux[4]), x_adv), aux[3], x_adv)
+  _, dist = losses(x_adv)
+  return x_adv, iters, dist
+
+
+@functools.partial(jax.jit, static_argnames=("apply", "cfg"))
+def _attack_jit(apply, variables, x_src, x0, targets, goal, key, cfg):
+  losses = make_losses(lambda x: apply(variables, x), targets, cfg.objective)
+  return run_loop(losses, x_src, x0, goal, cfg, key)
+
+
+def attack(apply, variables, x_src, targets, goal, cfg: AttackConfig, *, x_init=None, key=None,
+           mesh=None) -> dict:
+  """Runs one batch. Returns numpy ``x_adv, success, iterations, distance, l2, linf``.
+
+  Args:
+    apply: pure ``(variables, x in [0, 1]) -> normalised features [K, B, d]``
+      (``faceens.api.FaceModel.apply``; hashable, it is a static jit argument).
+    variables: the model's stacked variables (jit argument, not a constant).
+    x_src: ``[B, S, S, 3]`` float32 in [0, 1].
+    targets: ``[B, d]`` target embeddings, or ``[K, B, d]`` member features for
+      ``objective="members"``.
+    goal: scalar or ``[B]`` Euclidean distance below which an example is done.
+    x_init: start here instead of ``x_src`` (continue an attack towards a smaller goal).
+    mesh: shard the batch over this mesh's devices (the batch size must divide evenly).
+  """
+  cfg.validate()
+  x_src = jnp.asarray(x_src, jnp.float32)
+  x0 = x_src if x_init is None else jnp.asarray(x_init, jnp.float32)
+  goal = jnp.broadcast_to(jnp.asarray(goal, jnp.float32), (x_src.shape[0],))
+  targets = jnp.asarray(targets, jnp.float32)
+  key = jax.random.PRNGKey(0) if key is None else key
+  if mesh is not None:
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    axis = mesh.axis_names[0]
+    if x_src.shape[0] % mesh.size:
+      raise ValueError(f"batch {x_src.shape[0]} is not divisible by {mesh.size} devices")
+    batch = NamedSharding(mesh, P(axis))
+    put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+    x_src, x0, goal = (jax.device_put(a, batch) for a in (x_src, x0, goal))
+    targets = put(targets, P(None, axis) if targets.ndim == 3 else P(axis))
+    variables = put(variables, P())
+  x_adv, iters, dist = _attack_jit(apply, variables, x_src, x0, targets, goal, key, cfg)
+  x_adv, iters, dist, x_src, goal = jax.device_get((x_adv, iters, dist, x_src, goal))
+  delta = (x_adv - x_src).reshape(len(x_adv), -1)
+  return {"x_adv": x_adv, "success": dist < goal, "iterations": iters, "distance": dist,
+          "l2": np.linalg.norm(delta, axis=1), "linf": np.abs(delta).max(axis=1), "goal": goal}
+
+
+def attack_with_restarts(apply, variables, x_src, targets, goal, cfg: AttackConfig, *,
+                         x_init=None, seed: int = 0, mesh=None) -> dict:
+  """``attack``; for ``pgd`` with ``restarts > 1`` the batch reruns from new random starts and
+  each example keeps its least-perturbed success (iterations add up over restarts)."""
+  out = attack(apply, variables, x_src, targets, goal, cfg, x_init=x_init,
+               key=jax.random.PRNGKey(seed), mesh=mesh)
+  if cfg.method != "pgd":
+    return out
+  for r in range(1, cfg.restarts):
+    new = attack(apply, variables, x_src, targets, goal, cfg, x_init=x_init,
+                 key=jax.random.fold_in(jax.random.PRNGKey(seed), r), mesh=mesh)
+    better = new["success"] & (~out["success"] | (new["l2"] < out["l2"]))
+    for k in ("x_adv", "success", "distance", "l2", "linf"):
+      out[k] = np.where(_np_bcast(better, out[k]), new[k], out[k])
+    out["iterations"] = out["iterations"] + new["iterations"]
+  return out
+
+
+def _np_bcast(mask, x):
+  return mask.reshape(mask.shape + (1,) * (np.ndim(x) - 1))
+
+
+def tau_curve(l2: np.ndarray, success: np.ndarray, taus=None) -> list[tuple[float, float]]:
+  """Amada et al. Eq. 1: fraction of all AXs that succeeded with ``||x_adv - x_s||_2 < tau``."""
+  l2, success = np.asarray(l2, np.float64), np.asarray(success, bool)
+  if taus is None:
+    top = float(l2[success].max()) if success.any() else 1.0
+    taus = np.linspace(0.0, top * 1.05 + 1e-9, 101)
+  n = max(len(l2), 1)
+  return [(float(t), float(np.sum(success & (l2 < t)) / n)) for t in taus]
