@@ -180,7 +180,10 @@ def _restore(checkpoint_dir: str, step: int | None):
     elif step not in steps:
       raise FileNotFoundError(f"no checkpoint for step {step} under {checkpoint_dir}; "
                               f"available: {sorted(steps)}")
-    raw = mngr.restore(step, args=ocp.args.StandardRestore())
+    if os.path.isdir(os.path.join(checkpoint_dir, str(step), "state")):
+      raw = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    else:  # checkpoints written before the input pipeline was saved alongside
+      raw = mngr.restore(step, args=ocp.args.StandardRestore())
   finally:
     mngr.close()
   return step, raw

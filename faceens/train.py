@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from faceens import configs, heads, losses
 from faceens.data import demo as demo_data
 from faceens.data import image_folder
-from faceens.data.sampler import EpochSampler
+from faceens.data import pipeline
 from faceens.models import ensemble
 from faceens.models.ensemble import l2_normalize
 from faceens.models.mobilefacenet import MobileFaceNet
@@ -218,41 +218,61 @@ MS1MV2_HELP = (
 
 
 def load_datasets(c):
-  """Returns ``(train FaceSet, heldout FaceSet or None)`` for the configured data."""
-  size, fit, skip = c.data.image_size, c.data.fit, c.data.skip_bad
+  """``(training source, held-out FaceSet or None)`` for the configured data.
+
+  The training source is random-access (``faceens.data.pipeline``): the ORL / image folder read
+  lazily, or InsightFace's ``train.rec`` for ``ms1mv2``.
+  """
+  fit, skip = c.data.fit, c.data.skip_bad
   if c.data.kind == "orl":
     root = c.data.root or demo_data.orl_root()
-    train = image_folder.load_image_folder(root, size, fit, demo_data.TRAIN_IDENTITIES, skip)
-    held = image_folder.load_image_folder(root, size, fit, demo_data.HELDOUT_IDENTITIES, skip)
+    train = pipeline.ImageFolderSource(root, demo_data.TRAIN_IDENTITIES, skip)
+    held = image_folder.load_image_folder(root, c.data.image_size, fit,
+                                          demo_data.HELDOUT_IDENTITIES, skip)
     return train, held
   if c.data.kind == "image_folder":
     if not c.data.root:
       raise ValueError("config field data.root is empty; set --config.data.root=DIR with "
                        "DIR/<identity>/<image>.{jpg,png,pgm}")
-    train = image_folder.load_image_folder(c.data.root, size, fit, skip_bad=skip)
-    held = (image_folder.load_image_folder(c.data.heldout_root, size, fit, skip_bad=skip)
-            if c.data.heldout_root else None)
+    train = pipeline.ImageFolderSource(c.data.root, skip_bad=skip)
+    held = (image_folder.load_image_folder(c.data.heldout_root, c.data.image_size, fit,
+                                           skip_bad=skip) if c.data.heldout_root else None)
     return train, held
   root = c.data.root
-  if not root or not os.path.exists(os.path.join(root, "train.rec")):
+  rec = os.path.join(root, "train.rec") if root else ""
+  if not root or not os.path.exists(rec):
     where = f"'{root}'" if root else "(data.root is not set)"
     raise FileNotFoundError(f"MS1MV2 training data not found at {where}. {MS1MV2_HELP}")
-  raise NotImplementedError(
-      f"found {os.path.join(root, 'train.rec')}, but this version of faceens cannot read "
-      "RecordIO yet; convert the data to an image folder (root/<identity>/*.jpg) and use "
-      "--config.data.kind=image_folder")
+  train = pipeline.RecordIOSource(rec)
+  if train.num_classes is None:
+    raise image_folder.DataError(f"{os.path.join(root, 'property')} is missing; it gives the "
+                                 "number of identities ('num_classes,112,112')")
+  return train, None
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 
+def make_pipeline(c, source):
+  """The grain pipeline of this host's batches for ``source`` (``faceens.data.pipeline``)."""
+  return pipeline.build(
+      source, global_batch=c.train.batch_size, image_size=c.data.image_size, seed=c.seed,
+      fit=c.data.fit, flip=c.data.flip, max_shift=c.data.max_shift, contrast=c.data.contrast,
+      brightness=c.data.brightness, skip_bad=c.data.skip_bad,
+      workers=pipeline.worker_count(c.data.workers), read_threads=c.data.read_threads,
+      prefetch=c.data.prefetch)
+
+
 def evaluation_sets(c, held: image_folder.FaceSet | None):
   """Sets evaluated during and after training: the held-out identities (balanced pairs)."""
   from faceens import evaluate
-  if held is None:
-    return []
-  return [evaluate.faceset_pairs("heldout", held, c.train.heldout_pairs_seed,
-                                 c.data.heldout_root or c.data.root or "bundled ORL s31-s40")]
+  if held is not None:
+    return [evaluate.faceset_pairs("heldout", held, c.train.heldout_pairs_seed,
+                                   c.data.heldout_root or c.data.root or "bundled ORL s31-s40")]
+  if c.data.kind == "ms1mv2" and c.data.root:
+    bins = [os.path.join(c.data.root, f"{n}.bin") for n in evaluate.STANDARD_BINS]
+    return [evaluate.bin_set(p, c.data.image_size, c.data.fit) for p in bins if os.path.isfile(p)]
+  return []
 
 
 def run_evaluation(c, face_model, state: TrainState, sets) -> dict:
@@ -293,15 +313,20 @@ def _checkpoint_manager(workdir: str, c):
                                options=options)
 
 
-def restore_or_init(mngr, state: TrainState) -> TrainState:
+def restore_or_init(mngr, state: TrainState, data_iter=None) -> TrainState:
+  """The latest checkpointed state (and, given ``data_iter``, its input-pipeline position)."""
   import orbax.checkpoint as ocp
   latest = mngr.latest_step()
   if latest is None:
     return state
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  restored = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
+  items = {"state": ocp.args.StandardRestore(abstract)}
+  if data_iter is not None:
+    import grain
+    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+  restored = mngr.restore(latest, args=ocp.args.Composite(**items))
   logging.info("resumed from checkpoint at step %d", latest)
-  return restored
+  return restored["state"]
 
 
 def _truncate_metrics(path: str, step: int) -> None:
@@ -332,22 +357,23 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
   if c.train.batch_size % mesh.size:
     raise ValueError(f"config field train.batch_size = {c.train.batch_size} must be divisible "
                      f"by the number of devices ({mesh.size})")
-  sampler = EpochSampler(len(train_set), c.train.batch_size, c.seed,
-                         jax.process_index(), jax.process_count())
-  num_steps = total_steps(c, sampler.steps_per_epoch)
+  data = make_pipeline(c, train_set)
+  data_iter = iter(data)
+  num_steps = total_steps(c, pipeline.steps_per_epoch(train_set, c.train.batch_size))
   optimizer = make_optimizer(c, num_steps)
   model = build_model(c)
   state = create_train_state(c, train_set.num_classes, optimizer)
   mngr = _checkpoint_manager(workdir, c)
-  state = restore_or_init(mngr, state)
+  state = restore_or_init(mngr, state, data_iter)
   start = int(state.step)
   state = replicate(state, mesh)
   step_fn = shard_train_step(make_train_step(c, model, optimizer), mesh, state)
 
   eval_sets = evaluation_sets(c, held)
   if c.train.eval_every and not eval_sets:
-    raise ValueError(f"config field train.eval_every = {c.train.eval_every} needs held-out "
-                     "identities (data.kind=orl, or image_folder with data.heldout_root)")
+    raise ValueError(f"config field train.eval_every = {c.train.eval_every} needs evaluation "
+                     "pairs: data.kind=orl, image_folder with data.heldout_root, or ms1mv2 with "
+                     "lfw.bin / cfp_fp.bin / agedb_30.bin in data.root")
   from faceens import api
   face_model = api.FaceModel(c, {"params": state.params["backbone"],
                                  "batch_stats": state.batch_stats}) if eval_sets else None
@@ -374,8 +400,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
   last = {}
   metrics = None
   for step in range(start, num_steps):
-    images, labels = sampler.local_batch(train_set.images, train_set.labels, step, c.data.flip,
-                                         c.data.max_shift, c.data.contrast, c.data.brightness)
+    images, labels = next(data_iter)
     images, labels = put_batch(mesh, images, labels)
     prev_metrics = metrics
     state, metrics = step_fn(state, images, labels)
@@ -425,7 +450,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
             f"{n} accuracy {r['accuracy']:.4f} (paper {r['paper']['accuracy']:.4f})"
             for n, r in results.items()))
     bar.update(1)
-    mngr.save(done, args=_save_args(state), force=(done == num_steps))
+    mngr.save(done, args=_save_args(state, data_iter), force=(done == num_steps))
     if stop_after is not None and done >= stop_after:
       mngr.wait_until_finished()
       mngr.close()
@@ -453,7 +478,10 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
   }
   if eval_sets:
     results = run_evaluation(c, face_model, state, eval_sets)
-    summary.update(heldout_summary(results))
+    if "heldout" in results:
+      summary.update(heldout_summary(results))
+    summary["eval"] = {n: {"accuracy": r["accuracy"], "paper_accuracy": r["paper"]["accuracy"]}
+                       for n, r in results.items()}
     if is_main:
       from faceens import evaluate
       evaluate.write_eval_json(workdir, c, int(state.step), face_model.num_members, results)
@@ -463,9 +491,13 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
   return summary
 
 
-def _save_args(state):
+def _save_args(state, data_iter=None):
   import orbax.checkpoint as ocp
-  return ocp.args.StandardSave(state)
+  items = {"state": ocp.args.StandardSave(state)}
+  if data_iter is not None:
+    import grain
+    items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+  return ocp.args.Composite(**items)
 
 
 def load_state(c, workdir: str, num_classes: int) -> TrainState:

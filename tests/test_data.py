@@ -1,4 +1,4 @@
-"""Image folders, the bundled ORL faces, the deterministic sampler and held-out pairs."""
+"""Image folders, the bundled ORL faces, augmentation and held-out pairs."""
 
 import os
 
@@ -8,7 +8,6 @@ from PIL import Image
 
 from faceens.data import demo, image_folder
 from faceens.data.image_folder import DataError
-from faceens.data.sampler import EpochSampler
 
 
 def _folder(tmp_path):
@@ -81,28 +80,6 @@ def test_balanced_pairs():
   np.testing.assert_array_equal(demo.balanced_pairs(labels, seed=0)[0], pairs)
 
 
-def test_sampler_epochs_are_permutations_and_resumable():
-  s = EpochSampler(10, 4, seed=3)
-  stream = np.concatenate([s.global_indices(t) for t in range(5)])  # 20 = two epochs
-  assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
-  fresh = EpochSampler(10, 4, seed=3)
-  np.testing.assert_array_equal(fresh.global_indices(4), s.global_indices(4))
-  np.testing.assert_array_equal(fresh.flips(4), s.flips(4))
-  hosts = [EpochSampler(10, 4, seed=3, process_index=i, process_count=2) for i in range(2)]
-  np.testing.assert_array_equal(
-      np.concatenate([h.global_indices(2)[h.local_slice()] for h in hosts]), s.global_indices(2))
-
-
-def test_sampler_flip_really_flips():
-  images = np.arange(2 * 2 * 3 * 3, dtype=np.uint8).reshape(2, 2, 3, 3)
-  s = EpochSampler(2, 2, seed=0)
-  x, _ = s.local_batch(images, np.zeros(2, np.int32), 0, flip=True)
-  idx, flips = s.global_indices(0), s.flips(0)
-  for i in range(2):
-    want = images[idx[i]][:, ::-1] if flips[i] else images[idx[i]]
-    np.testing.assert_array_equal(x[i], want)
-
-
 def test_translate_and_photometric_by_hand():
   from faceens.data.sampler import adjust, translate
   x = np.arange(1, 10, dtype=np.uint8).reshape(1, 3, 3, 1)
@@ -112,8 +89,3 @@ def test_translate_and_photometric_by_hand():
   # mean 5: (x - 5) * 2 + 5 + 10, clipped to [0, 255].
   np.testing.assert_array_equal(adjust(x, np.array([2.0]), np.array([10.0]))[0, :, :, 0],
                                 [[7, 9, 11], [13, 15, 17], [19, 21, 23]])
-  s = EpochSampler(4, 4, seed=1)
-  xs = np.random.default_rng(0).integers(0, 255, (4, 8, 8, 3), dtype=np.uint8)
-  a, _ = s.local_batch(xs, np.zeros(4, np.int32), 5, True, 2, 0.3, 20.0)
-  b, _ = EpochSampler(4, 4, seed=1).local_batch(xs, np.zeros(4, np.int32), 5, True, 2, 0.3, 20.0)
-  np.testing.assert_array_equal(a, b)  # augmentation is a pure function of (seed, step)

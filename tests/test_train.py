@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from faceens import api, configs, heads, train
-from faceens.data.sampler import EpochSampler
+from faceens.data import demo, image_folder, pipeline
 from tests.conftest import REPO
 
 EXPERIMENTS = sorted(glob.glob(os.path.join(REPO, "experiments", "*.py")))
@@ -33,9 +33,11 @@ class Run:
   def __init__(self, c):
     configs.validate(c)
     self.c = c
-    self.train_set, self.held = train.load_datasets(c)
-    self.sampler = EpochSampler(len(self.train_set), c.train.batch_size, c.seed)
-    steps = train.total_steps(c, self.sampler.steps_per_epoch)
+    self.source, self.held = train.load_datasets(c)
+    self.data = iter(train.make_pipeline(c, self.source))
+    self.train_set = image_folder.load_image_folder(demo.orl_root(), c.data.image_size, c.data.fit,
+                                                    demo.TRAIN_IDENTITIES)
+    steps = train.total_steps(c, pipeline.steps_per_epoch(self.source, c.train.batch_size))
     self.model = train.build_model(c)
     opt = train.make_optimizer(c, steps)
     self.mesh = train.make_mesh()
@@ -48,7 +50,8 @@ class Run:
     return {"params": self.state.params["backbone"], "batch_stats": self.state.batch_stats}
 
   def step(self, t):
-    x, y = self.sampler.local_batch(self.train_set.images, self.train_set.labels, t)
+    del t  # the pipeline yields the batches in order
+    x, y = next(self.data)
     self.state, m = self.step_fn(self.state, *train.put_batch(self.mesh, x, y))
     return jax.device_get(m)
 

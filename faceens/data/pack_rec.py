@@ -1,0 +1,121 @@
+"""Image folder -> InsightFace RecordIO: ``python -m faceens.data.pack_rec --images DIR --out DIR``.
+
+Writes ``train.rec``, ``train.idx`` and ``property`` readable by InsightFace (mxnet) and by
+``faceens.data.recordio``. Identities are the sorted sub-folders of ``--images``; each image is
+fitted to ``--size`` (``--fit``: pad, crop or stretch) and stored as JPEG (``--quality``), or,
+with ``--keep-bytes``, stored exactly as the file is (it must be a JPEG or PNG already).
+``--reindex --rec FILE`` writes a missing ``.idx`` for an existing ``.rec`` instead.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+
+import numpy as np
+
+from faceens.data import image_folder, recordio
+from faceens.data.image_folder import DataError
+
+
+def encode_jpeg(arr: np.ndarray, quality: int = 95) -> bytes:
+  from PIL import Image
+  buf = io.BytesIO()
+  Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+  return buf.getvalue()
+
+
+def encode_file(path: str, size: int, fit: str = "pad", quality: int = 95,
+                keep_bytes: bool = False) -> bytes:
+  """The bytes to store for one image file (validated by decoding it)."""
+  arr = image_folder.load_image(path, size, fit)  # raises DataError naming the file
+  if not keep_bytes:
+    return encode_jpeg(arr, quality)
+  with open(path, "rb") as f:
+    data = f.read()
+  if not (data[:3] == b"\xff\xd8\xff" or data[:8] == b"\x89PNG\r\n\x1a\n"):
+    raise DataError(f"{path}: --keep-bytes stores files as they are, which needs JPEG or PNG; "
+                    "drop --keep-bytes to re-encode it as JPEG")
+  return data
+
+
+def pack_folder(images_dir: str, out_dir: str, size: int = 112, fit: str = "pad",
+                quality: int = 95, keep_bytes: bool = False, skip_bad: bool = False,
+                progress: bool = True) -> dict:
+  from tqdm import tqdm
+  identities = image_folder.list_identities(images_dir)
+  encoded, labels, skipped = [], [], []
+  total = sum(len(files) for _, files in identities)
+  with tqdm(total=total, disable=not progress, unit="img", desc="pack_rec") as bar:
+    for label, (_, files) in enumerate(identities):
+      for p in files:
+        bar.update(1)
+        try:
+          if not p.lower().endswith(image_folder.IMAGE_EXTENSIONS):
+            raise DataError(f"{p} is not an image file (valid extensions: "
+                            f"{', '.join(image_folder.IMAGE_EXTENSIONS)})")
+          encoded.append(encode_file(p, size, fit, quality, keep_bytes))
+        except DataError:
+          if not skip_bad:
+            raise
+          skipped.append(p)
+          continue
+        labels.append(label)
+  if skipped:
+    logging.warning("skipped %d unreadable files (first: %s)", len(skipped), skipped[0])
+  if not encoded:
+    raise DataError(f"no decodable images under {images_dir}")
+  recordio.write_dataset(out_dir, encoded, labels, len(identities), size, size)
+  return {"images": len(encoded), "classes": len(identities), "skipped": len(skipped),
+          "out": out_dir}
+
+
+def reindex(rec_path: str) -> str:
+  ds = recordio.RecordIODataset.__new__(recordio.RecordIODataset)
+  ds.rec_path, ds.size = rec_path, os.path.getsize(rec_path)
+  offsets = ds.scan()
+  idx = os.path.splitext(rec_path)[0] + ".idx"
+  with open(idx, "w") as f:
+    for k, off in offsets.items():
+      f.write(f"{k}\t{off}\n")
+  return idx
+
+
+def main(argv):
+  from absl import flags
+  del argv
+  FLAGS = flags.FLAGS
+  try:
+    if FLAGS.reindex:
+      if not FLAGS.rec:
+        raise ValueError("--reindex needs --rec=FILE.rec")
+      print(f"wrote {reindex(FLAGS.rec)}")
+      return
+    if not FLAGS.images or not FLAGS.out:
+      raise ValueError("--images=DIR and --out=DIR are required")
+    r = pack_folder(FLAGS.images, FLAGS.out, FLAGS.size, FLAGS.fit, FLAGS.quality,
+                    FLAGS.keep_bytes, FLAGS.skip_bad)
+  except (ValueError, DataError, OSError) as e:
+    raise SystemExit(f"error: {e}") from None
+  print(f"wrote {r['images']} images of {r['classes']} identities to {r['out']}/train.rec, "
+        f"train.idx, property" + (f" (skipped {r['skipped']})" if r["skipped"] else ""))
+
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string("images", None, "image folder DIR/<identity>/<image>")
+  flags.DEFINE_string("out", None, "output folder for train.rec, train.idx, property")
+  flags.DEFINE_integer("size", 112, "output image size (square)")
+  flags.DEFINE_enum("fit", "pad", image_folder.FITS, "how to make images square")
+  flags.DEFINE_integer("quality", 95, "JPEG quality")
+  flags.DEFINE_bool("keep_bytes", False, "store JPEG/PNG files as they are (no resize)")
+  flags.DEFINE_bool("skip_bad", False, "skip undecodable files (counted) instead of failing")
+  flags.DEFINE_bool("reindex", False, "write the .idx of an existing --rec")
+  flags.DEFINE_string("rec", None, "with --reindex: the .rec file")
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)
