@@ -20,7 +20,7 @@ from faceens import heads, losses
 from faceens.models import depthwise, ensemble, mobilefacenet
 
 VARIANTS = ("full", "demo", "test")
-DATA_KINDS = ("orl", "image_folder", "ms1mv2")
+DATA_KINDS = ("orl", "image_folder", "ms1mv2", "tfds")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 # Paper margins (Amada et al. follow Wang et al. 2018 / Deng et al. 2019).
@@ -74,6 +74,7 @@ def method_config(method: str, loss: str, variant: str | None = None) -> ml_coll
   c.data.kind = "ms1mv2"
   c.data.root = ""                  # faces_emore directory (train.rec, train.idx, property)
   c.data.heldout_root = ""          # image_folder only: unseen identities for heldout_accuracy
+  c.data.tfds_name = "ms1mv2"       # kind=tfds: a prepared faceens.data.tfds dataset (root = data_dir)
   c.data.image_size = 112
   c.data.fit = "pad"
   c.data.flip = True

@@ -238,6 +238,8 @@ def load_datasets(c):
     held = (image_folder.load_image_folder(c.data.heldout_root, c.data.image_size, fit,
                                            skip_bad=skip) if c.data.heldout_root else None)
     return train, held
+  if c.data.kind == "tfds":
+    return tfds_source(c), None
   root = c.data.root
   rec = os.path.join(root, "train.rec") if root else ""
   if not root or not os.path.exists(rec):
@@ -251,6 +253,30 @@ def load_datasets(c):
 
 
 # ----------------------------------------------------------------------------- evaluation
+
+
+def tfds_source(c):
+  """The ``train`` split of a prepared TFDS dataset (``data.tfds_name`` under ``data.root``)."""
+  try:
+    import tensorflow_datasets as tfds
+
+    import faceens.data.tfds  # noqa: F401  (registers the builders)
+  except ImportError as e:
+    raise ValueError(f"data.kind=tfds needs tensorflow-datasets: pip install -e '.[tfds]' ({e})") from None
+  try:
+    builder = tfds.builder(c.data.tfds_name, data_dir=c.data.root or None)
+    src = builder.as_data_source(split="train", decoders={"image": tfds.decode.SkipDecoding()})
+  except Exception as e:  # tfds raises many types for "not prepared"
+    raise FileNotFoundError(f"TFDS dataset {c.data.tfds_name!r} is not prepared under "
+                            f"{c.data.root or '~/tensorflow_datasets'}: {e}") from None
+  source = pipeline.TFDSSource(src, c.data.tfds_name)
+  num_classes = builder.info.metadata.get("num_classes") if builder.info.metadata else None
+  if not num_classes:
+    raise image_folder.DataError(f"TFDS dataset {c.data.tfds_name!r} has no num_classes in its "
+                                 "metadata (build it with faceens.data.tfds from a directory "
+                                 "holding faces_emore's property file)")
+  source.num_classes = int(num_classes)
+  return source
 
 
 def make_pipeline(c, source):

@@ -166,7 +166,7 @@ def test_four_simulated_devices_equal_one(tmp_path):
     ("train.batch_size", 0, "train.batch_size = 0 is invalid"),
     ("ensemble.num_members", 1, "ensemble.num_members = 1 is invalid; valid: >= 2"),
     ("data.image_size", 50, "data.image_size = 50 is invalid; valid: a multiple of 16"),
-    ("data.kind", "lmdb", "data.kind = 'lmdb' is invalid; valid: orl, image_folder, ms1mv2"),
+    ("data.kind", "lmdb", "data.kind = 'lmdb' is invalid; valid: orl, image_folder, ms1mv2, tfds"),
 ])
 def test_malformed_config_is_a_clear_error(field, value, match):
   c = configs.method_config("srv_fdp", "arcface", "test")

@@ -13,6 +13,8 @@ of hosts; the model normalises ``(x / 255 - 0.5) / 0.5`` on the device, which mo
 bytes than floats (``normalize=True`` does it here instead). Every random choice is a function of
 ``(seed, epoch, position)``, so the pipeline is deterministic, and its iterator state is saved in
 the orbax checkpoint: a resumed run sees exactly the batches an uninterrupted run would.
+With worker processes each worker assembles the batches of its own slice of the stream, so the
+order depends on ``workers`` (not on timing): resume a run with the worker count it started with.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ class TFDSSource:
 
   def __init__(self, data_source, name: str = "tfds"):
     self.src, self.name = data_source, name
+    self.num_classes = None
 
   def __len__(self):
     return len(self.src)
@@ -224,6 +227,9 @@ def build(source, *, global_batch: int, image_size: int, seed: int = 0, fit: str
   if normalize:
     it = it.map(_normalize)
   if workers > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain reads absl flags; outside an absl app use defaults
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                      per_worker_buffer_size=prefetch))
   return it
