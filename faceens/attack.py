@@ -164,10 +164,16 @@ def summarize(res: dict, cfg: lots.AttackConfig, name: str) -> dict:
   }
 
 
+def _configs(methods, base: lots.AttackConfig):
+  import dataclasses
+  for name, method, objective in methods:
+    yield name, dataclasses.replace(base, method=method, objective=objective).validate()
+
+
 def white_box(model, methods, n_pairs: int, goal: str, out_dir: str, *, images_dir=None,
-              seed: int = 0, batch_size: int = 64, max_iters: int = 5000, epsilon: float = 0.1,
-              step_size: float = 1 / 255, cw_lr: float = 0.01, cw_c: float = 10.0, cw_patience: int = 20,
-              restarts: int = 1, progress: bool = True) -> dict:
+              seed: int = 0, batch_size: int = 64, base: lots.AttackConfig = lots.AttackConfig(),
+              progress: bool = True) -> dict:
+  """White-box attacks of ``methods`` (``parse_methods``) with the settings of ``base``."""
   images, labels, source = attack_images(model, images_dir)
   pairs = make_pairs(labels, n_pairs, seed)
   x = model.prepare(images)
@@ -175,11 +181,7 @@ def white_box(model, methods, n_pairs: int, goal: str, out_dir: str, *, images_d
   g = _goal_value(model, goal)
   os.makedirs(out_dir, exist_ok=True)
   summaries = {}
-  for name, method, objective in methods:
-    cfg = lots.AttackConfig(method=method, objective=objective, max_iters=max_iters,
-                            epsilon=epsilon, step_size=step_size, cw_lr=cw_lr, cw_c=cw_c,
-                            cw_patience=cw_patience,
-                            restarts=restarts).validate()
+  for name, cfg in _configs(methods, base):
     res = run_batches(model, x_src, x_tgt, g, cfg, batch_size=batch_size, seed=seed,
                       progress=progress, desc=name)
     summ = summarize(res, cfg, name)
@@ -205,9 +207,9 @@ def white_box(model, methods, n_pairs: int, goal: str, out_dir: str, *, images_d
 
 
 def black_box(source_model, target_models, methods, n_pairs: int, distances, *, images_dir=None,
-              seed: int = 0, batch_size: int = 64, max_iters: int = 5000, epsilon: float = 0.1,
-              step_size: float = 1 / 255, cw_lr: float = 0.01, cw_c: float = 10.0, cw_patience: int = 20,
-              restarts: int = 1, out_dirs=None, progress: bool = True) -> dict:
+              seed: int = 0, batch_size: int = 64, base: lots.AttackConfig = lots.AttackConfig(),
+              out_dirs=None, progress: bool = True) -> dict:
+  """Transfer of examples crafted on ``source_model`` to each of ``target_models``."""
   for t in target_models:
     if t.input_size != source_model.input_size:
       raise ValueError(f"{t.workdir} takes {t.input_size}px inputs but the source "
@@ -221,11 +223,7 @@ def black_box(source_model, target_models, methods, n_pairs: int, distances, *, 
   x_src, x_tgt = x[pairs[:, 0]], x[pairs[:, 1]]
   tgt_emb = [t.embed(x_tgt) for t in target_models]
   results = {}
-  for name, method, objective in methods:
-    cfg = lots.AttackConfig(method=method, objective=objective, max_iters=max_iters,
-                            epsilon=epsilon, step_size=step_size, cw_lr=cw_lr, cw_c=cw_c,
-                            cw_patience=cw_patience,
-                            restarts=restarts).validate()
+  for name, cfg in _configs(methods, base):
     x_cur, iters_total = None, np.zeros(len(x_src), np.int64)
     points = [[] for _ in target_models]
     for d in sorted(distances, reverse=True):
@@ -279,10 +277,10 @@ def main(argv):
   if FLAGS.distributed:
     jax.distributed.initialize()
   from faceens import api
-  kw = dict(images_dir=FLAGS.images, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
-            max_iters=FLAGS.max_iters, epsilon=FLAGS.epsilon, step_size=FLAGS.step_size,
-            cw_lr=FLAGS.cw_lr, cw_c=FLAGS.cw_c, cw_patience=FLAGS.cw_patience,
-            restarts=FLAGS.restarts,
+  base = lots.AttackConfig(max_iters=FLAGS.max_iters, epsilon=FLAGS.epsilon,
+                           step_size=FLAGS.step_size, cw_lr=FLAGS.cw_lr, cw_c=FLAGS.cw_c,
+                           cw_patience=FLAGS.cw_patience, restarts=FLAGS.restarts)
+  kw = dict(images_dir=FLAGS.images, seed=FLAGS.seed, batch_size=FLAGS.batch_size, base=base,
             progress=jax.process_index() == 0)
   try:
     methods = parse_methods(FLAGS.method)
@@ -331,7 +329,7 @@ def _define_flags():
   flags.DEFINE_float("epsilon", 0.1, "bim/pgd L_inf radius (paper 0.1)")
   flags.DEFINE_float("step_size", 1 / 255, "sign-step size in [0, 1] pixel units")
   flags.DEFINE_float("cw_lr", 0.01, "cw Adam learning rate on tanh-space variables")
-  flags.DEFINE_float("cw_c", 10.0, "cw weight of the distance term")
+  flags.DEFINE_float("cw_c", 0.1, "cw initial weight of the distance term (x10 when stuck)")
   flags.DEFINE_integer("cw_patience", 20, "cw: iterations without a smaller successful L2")
   flags.DEFINE_integer("restarts", 1, "pgd random restarts")
   flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")

@@ -23,3 +23,16 @@ def run_dir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
   train.train_and_evaluate(c, workdir, progress=False)
   return workdir
+
+
+def run_on_simulated_devices(script: str, n: int, tmp_path):
+  """Runs ``python -c script OUT.npz`` with ``n`` simulated CPU devices; returns the npz."""
+  import subprocess
+  import sys
+
+  import numpy as np
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  out = str(tmp_path / f"devices{n}.npz")
+  subprocess.run([sys.executable, "-c", script, out], check=True, env=env, cwd=REPO)
+  return np.load(out)

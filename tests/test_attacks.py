@@ -13,7 +13,7 @@ import pytest
 import faceens
 from faceens import api, attack as attack_cli, configs, plot, train
 from faceens.attacks import lots
-from tests.conftest import REPO
+from tests.conftest import REPO, run_on_simulated_devices
 
 
 def linear_apply(variables, x):
@@ -180,13 +180,7 @@ SHARDED = textwrap.dedent("""
 
 
 def test_four_simulated_devices_equal_one(tmp_path):
-  outs = {}
-  for n in (1, 4):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
-               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = str(tmp_path / f"a{n}.npz")
-    subprocess.run([sys.executable, "-c", SHARDED, out], check=True, env=env, cwd=REPO)
-    outs[n] = np.load(out)
+  outs = {n: run_on_simulated_devices(SHARDED, n, tmp_path) for n in (1, 4)}
   assert int(outs[4]["n"]) == 4
   np.testing.assert_array_equal(outs[4]["iterations"], outs[1]["iterations"])
   np.testing.assert_array_equal(outs[4]["success"], outs[1]["success"])
@@ -215,7 +209,7 @@ def test_attack_cli_transfer_and_plots(run_dir, tmp_path):
   model = faceens.load(run_dir)
   d = [0.5 * model.paper_threshold, 0.9 * model.paper_threshold]
   res = attack_cli.black_box(model, [model], attack_cli.parse_methods("ifgsm"), 6, d,
-                             max_iters=300, batch_size=8, progress=False)
+                             base=lots.AttackConfig(max_iters=300), batch_size=8, progress=False)
   pts = res[(run_dir, "ifgsm")]["points"]
   assert [p["distance"] for p in pts] == sorted(d)
   for p in pts:

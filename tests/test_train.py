@@ -15,7 +15,7 @@ import pytest
 
 from faceens import api, configs, heads, train
 from faceens.data import demo, image_folder, pipeline
-from tests.conftest import REPO
+from tests.conftest import REPO, run_on_simulated_devices
 
 EXPERIMENTS = sorted(glob.glob(os.path.join(REPO, "experiments", "*.py")))
 
@@ -145,13 +145,7 @@ ONE_STEP = textwrap.dedent("""
 
 
 def test_four_simulated_devices_equal_one(tmp_path):
-  outs = {}
-  for n in (1, 4):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
-               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = str(tmp_path / f"d{n}.npz")
-    subprocess.run([sys.executable, "-c", ONE_STEP, out], check=True, env=env, cwd=REPO)
-    outs[n] = np.load(out)
+  outs = {n: run_on_simulated_devices(ONE_STEP, n, tmp_path) for n in (1, 4)}
   assert int(outs[1]["n"]) == 1 and int(outs[4]["n"]) == 4
   np.testing.assert_allclose(outs[4]["loss"], outs[1]["loss"], rtol=1e-5)
   keys = [k for k in outs[1].files if k.startswith("arr_")]
