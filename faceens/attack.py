@@ -333,6 +333,9 @@ def _define_flags():
   flags.DEFINE_integer("cw_patience", 20, "cw: iterations without a smaller successful L2")
   flags.DEFINE_integer("restarts", 1, "pgd random restarts")
   flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
+  for name in ("source_workdir", "batch_size", "max_iters", "step_size", "cw_lr", "cw_c",
+               "cw_patience"):
+    flags.DEFINE_alias(name.replace("_", "-"), name)  # --source-workdir as well as --source_workdir
   flags.mark_flags_as_required(["workdir"])
 
 
