@@ -8,6 +8,9 @@ import pytest
 
 _CACHE = os.path.join(tempfile.gettempdir(), "faceens-test-jax-cache")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
+# Subprocesses started by tests (CLIs, simulated devices) share the cache.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

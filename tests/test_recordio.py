@@ -73,6 +73,17 @@ def test_missing_idx_is_scanned_with_a_warning(small_rec, caplog):
   assert len(ds) == 5 and ds[4][0] == imgs[4]
 
 
+def test_concurrent_reads_from_threads(small_rec):
+  # grain reads with several threads; a shared seek position would mix records up.
+  from concurrent.futures import ThreadPoolExecutor
+  path, imgs, labels = small_rec
+  ds = recordio.RecordIODataset(path)
+  order = np.random.default_rng(0).integers(0, 5, 400)
+  with ThreadPoolExecutor(8) as ex:
+    got = list(ex.map(lambda i: ds[int(i)], order))
+  assert got == [(imgs[i], labels[i]) for i in order]
+
+
 def test_multipart_records_split_and_rejoin_like_dmlc(tmp_path):
   magic = struct.pack("<I", MAGIC)
   payload = b"abcd" + magic + b"efghijkl" + magic + b"xyz"   # magic at aligned offsets 4, 16

@@ -236,7 +236,9 @@ def attack(apply, variables, x_src, targets, goal, cfg: AttackConfig, *, x_init=
     x_src, x0, goal = (jax.device_put(a, batch) for a in (x_src, x0, goal))
     targets = put(targets, P(None, axis) if targets.ndim == 3 else P(axis))
     variables = put(variables, P())
-  x_adv, iters, dist = _attack_jit(apply, variables, x_src, x0, targets, goal, key, cfg)
+  # Restarts are a host-side loop (attack_with_restarts): keep them out of the compiled config.
+  x_adv, iters, dist = _attack_jit(apply, variables, x_src, x0, targets, goal, key,
+                                   dataclasses.replace(cfg, restarts=1))
   x_adv, iters, dist, x_src, goal = jax.device_get((x_adv, iters, dist, x_src, goal))
   delta = (x_adv - x_src).reshape(len(x_adv), -1)
   return {"x_adv": x_adv, "success": dist < goal, "iterations": iters, "distance": dist,

@@ -72,9 +72,7 @@ def pack_folder(images_dir: str, out_dir: str, size: int = 112, fit: str = "pad"
 
 
 def reindex(rec_path: str) -> str:
-  ds = recordio.RecordIODataset.__new__(recordio.RecordIODataset)
-  ds.rec_path, ds.size = rec_path, os.path.getsize(rec_path)
-  offsets = ds.scan()
+  offsets = recordio.scan_offsets(rec_path)
   idx = os.path.splitext(rec_path)[0] + ".idx"
   with open(idx, "w") as f:
     for k, off in offsets.items():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import threading
 
 import numpy as np
 
@@ -73,10 +74,17 @@ def write_record(f, payload: bytes) -> None:
   f.write(b"\0" * (((n + 3) >> 2 << 2) - n))
 
 
+def _pread(f, n: int, offset: int) -> bytes:
+  """Positional read: no shared file position, so reader threads cannot interleave seeks."""
+  if hasattr(os, "pread"):
+    return os.pread(f.fileno(), n, offset)
+  f.seek(offset)  # pragma: no cover (Windows); RecordIODataset then locks around reads
+  return f.read(n)
+
+
 def _read_part(f, path: str, offset: int, size: int) -> tuple[int, bytes, int]:
   """``(cflag, data, next_offset)`` of the part at ``offset``."""
-  f.seek(offset)
-  head = f.read(8)
+  head = _pread(f, 8, offset)
   if len(head) < 8:
     raise DataError(f"{path}: truncated record header at byte offset {offset} (file has {size} "
                     "bytes)")
@@ -85,7 +93,7 @@ def _read_part(f, path: str, offset: int, size: int) -> tuple[int, bytes, int]:
     raise DataError(f"{path}: bad magic 0x{magic:08x} at byte offset {offset} (expected "
                     "0xced7230a): not a RecordIO file, or the .idx offset is wrong")
   cflag, length = lrec >> 29, lrec & _LEN_MASK
-  data = f.read(length)
+  data = _pread(f, length, offset + 8)
   if len(data) < length:
     raise DataError(f"{path}: record at byte offset {offset} announces {length} bytes but the "
                     f"file ends after {len(data)} (truncated .rec)")
@@ -115,6 +123,20 @@ def read_record(f, path: str, offset: int, size: int, allow_multipart: bool = Tr
 
 
 # ----------------------------------------------------------------------------- dataset
+
+
+def scan_offsets(rec_path: str) -> dict[int, int]:
+  """Offsets of every record by walking the file (keys 0, 1, 2, ... in file order)."""
+  size = os.path.getsize(rec_path)
+  offsets, off, key = {}, 0, 0
+  with open(rec_path, "rb") as f:
+    while off < size:
+      offsets[key] = off
+      _, off = read_record(f, rec_path, off, size, allow_multipart=True)
+      key += 1
+  if not offsets:
+    raise DataError(f"{rec_path} is empty")
+  return offsets
 
 
 def read_property(path: str) -> tuple[int, int, int]:
@@ -153,6 +175,7 @@ class RecordIODataset:
       self.offsets = self.scan()
       self.idx_path = None
     self._f = None
+    self._lock = threading.Lock()
     self.num_classes = None
     prop = property_path or os.path.join(os.path.dirname(rec_path), "property")
     if os.path.isfile(prop):
@@ -182,16 +205,7 @@ class RecordIODataset:
     return offsets
 
   def scan(self) -> dict[int, int]:
-    """Offsets of every record by walking the file (keys 0, 1, 2, ... in file order)."""
-    offsets, off, key = {}, 0, 0
-    with open(self.rec_path, "rb") as f:
-      while off < self.size:
-        offsets[key] = off
-        _, off = read_record(f, self.rec_path, off, self.size, allow_multipart=True)
-        key += 1
-    if not offsets:
-      raise DataError(f"{self.rec_path} is empty")
-    return offsets
+    return scan_offsets(self.rec_path)
 
   def _find_images(self) -> np.ndarray:
     if 0 in self.offsets:
@@ -211,19 +225,32 @@ class RecordIODataset:
   def __getstate__(self):
     d = dict(self.__dict__)
     d["_f"] = None
+    d.pop("_lock", None)
     return d
+
+  def __setstate__(self, d):
+    self.__dict__.update(d)
+    self._lock = threading.Lock()
 
   def _file(self):
     if self._f is None:
-      self._f = open(self.rec_path, "rb")
+      with self._lock:
+        if self._f is None:
+          self._f = open(self.rec_path, "rb")
     return self._f
 
   def read(self, key: int) -> bytes:
-    """Raw payload of record ``key``."""
+    """Raw payload of record ``key`` (safe to call from several threads)."""
     if key not in self.offsets:
       raise DataError(f"{self.rec_path}: no record {key} in the index")
-    payload, _ = read_record(self._file(), self.rec_path, self.offsets[key], self.size,
-                             self.allow_multipart)
+    f = self._file()
+    if hasattr(os, "pread"):
+      payload, _ = read_record(f, self.rec_path, self.offsets[key], self.size,
+                               self.allow_multipart)
+    else:  # pragma: no cover
+      with self._lock:
+        payload, _ = read_record(f, self.rec_path, self.offsets[key], self.size,
+                                 self.allow_multipart)
     return payload
 
   def __len__(self) -> int:
