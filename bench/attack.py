@@ -127,19 +127,20 @@ def torch_lots_ifgsm(net, x_src, target, goal, step, max_iters):
   x = x_src.clone()
   done = torch.zeros(len(x), dtype=torch.bool)
   iters = torch.zeros(len(x), dtype=torch.int64)
-  with torch.no_grad():
-    done |= (net(x) - target).norm(dim=1) < goal
-  for _ in range(max_iters):
-    if bool(done.all()):
-      break
+  for it in range(max_iters + 1):
+    # As the JAX loop: one forward gives the distance (done check) and the loss to differentiate.
     x.requires_grad_(True)
-    loss = ((net(x) - target) ** 2).sum()
-    (g,) = torch.autograd.grad(loss, x)
+    f = net(x)
+    dist = (f - target).norm(dim=1)
+    done |= (dist < goal).detach()
+    if bool(done.all()) or it == max_iters:
+      break
+    (g,) = torch.autograd.grad(((f - target) ** 2).sum(), x)
     with torch.no_grad():
       active = ~done
       x = torch.where(active[:, None, None, None], (x - step * g.sign()).clamp(0, 1), x).detach()
       iters += active.long()
-      done |= (net(x) - target).norm(dim=1) < goal
+  x = x.detach()
   return x, done, iters
 
 

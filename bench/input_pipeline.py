@@ -7,9 +7,10 @@ then measures, on the same machine in the same run:
 
   * ``plain_pil``: a plain Python loop (read the record, PIL decode, random flip, normalise to
     float32), the baseline most PyTorch/mxnet face loaders amount to per worker;
-  * ``grain``: ``faceens.data.pipeline.build`` (shuffle, decode, flip + translation + photometric
-    augmentation, batch 64) in-process (``workers=0``, one reader thread: one core) and with
-    1, 2, ... worker processes.
+  * ``grain``: ``faceens.data.pipeline.build`` (shuffle, decode, batch 64): first with the PIL
+    loop's work (flip, normalise) in-process, then with the training augmentation (flip +
+    translation + contrast/brightness) in-process (``workers=0``) and with 1, 2, ... worker
+    processes.
 
 Images/s per worker process is what sizes the CPU side of a GPU host. Writes JSON; prints a table.
 """
@@ -48,11 +49,12 @@ def plain_pil(rec_path: str, n: int) -> float:
   return n / (time.perf_counter() - t)
 
 
-def grain_rate(rec_path: str, n: int, workers: int, batch: int = 64) -> float:
+def grain_rate(rec_path: str, n: int, workers: int, batch: int = 64, full: bool = True) -> float:
   from faceens.data import pipeline
   src = pipeline.RecordIOSource(rec_path)
-  ds = pipeline.build(src, global_batch=batch, image_size=112, seed=0, flip=True, max_shift=8,
-                      contrast=0.2, brightness=20, process_index=0, process_count=1,
+  aug = dict(max_shift=8, contrast=0.2, brightness=20) if full else {}
+  ds = pipeline.build(src, global_batch=batch, image_size=112, seed=0, flip=True, **aug,
+                      process_index=0, process_count=1, normalize=not full,
                       workers=workers, read_threads=1 if workers == 0 else 2, prefetch=4)
   it = iter(ds)
   for _ in range(max(2, workers * 2)):  # start-up: processes, first batches
@@ -80,12 +82,17 @@ def main():
          "rec_bytes": os.path.getsize(rec), "image_size": 112}
   out["plain_pil_img_per_s"] = plain_pil(rec, a.images)
   print(f"plain PIL loop (1 process): {out['plain_pil_img_per_s']:.0f} img/s", flush=True)
+  r = grain_rate(rec, a.images, 0, full=False)
+  out["grain_flip_normalize_img_per_s"] = r
+  print(f"grain, same work as the PIL loop (flip + normalise), in-process: {r:.0f} img/s",
+        flush=True)
   out["grain"] = []
   for w in [int(x) for x in a.workers.split(",")]:
     r = grain_rate(rec, a.images, w)
     per = r / max(w, 1)
     out["grain"].append({"workers": w, "img_per_s": r, "img_per_s_per_process": per})
-    print(f"grain workers={w}: {r:.0f} img/s ({per:.0f} per process)", flush=True)
+    print(f"grain + translation + photometric, workers={w}: {r:.0f} img/s ({per:.0f} per "
+          "process)", flush=True)
   os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
   with open(a.out, "w") as f:
     json.dump(out, f, indent=2)

@@ -104,7 +104,11 @@ def make_losses(features: Callable, targets, objective: str):
 
 def run_loop(losses, x_src, x0, goal, cfg: AttackConfig, key):
   """The while loop; returns ``(x_adv, iterations, dist)`` with dist measured at x_adv."""
-  value_and_grad = _per_example(lambda x: losses(x)[0])
+  def grad_and_dist(x):
+    # One forward and backward pass gives the step direction and the current distance.
+    loss, vjp, dist = jax.vjp(losses, x, has_aux=True)
+    return vjp(jnp.ones_like(loss))[0], dist
+
   b = x_src.shape[0]
   lo = jnp.clip(x_src - cfg.epsilon, 0.0, 1.0)
   hi = jnp.clip(x_src + cfg.epsilon, 0.0, 1.0)
@@ -122,9 +126,10 @@ def run_loop(losses, x_src, x0, goal, cfg: AttackConfig, key):
     aux0 = (jnp.zeros_like(x0),)
   else:
     aux0 = ()
-  _, d0 = losses(x0)
-  done0 = d0 < goal
+  done0 = jnp.zeros((b,), bool)  # sign-type rules: found done at the top of the first iteration
   if cfg.method == "cw":
+    _, d0 = losses(x0)
+    done0 = d0 < goal
     first = done0 & (cfg.cw_patience == 0)
     aux0 = aux0[:4] + (jnp.where(done0, jnp.sum(jnp.square(x0 - x_src), axis=reduce(x0)),
                                  aux0[4]),) + aux0[5:]
@@ -136,6 +141,9 @@ def run_loop(losses, x_src, x0, goal, cfg: AttackConfig, key):
 
   def body(s):
     i, x, done, iters, aux = s
+    if cfg.method != "cw":
+      g, dist = grad_and_dist(x)
+      done = done | (dist < goal)
     active = ~done
     if cfg.method == "cw":
       w, m, v, best_x, best_l2, since, c_w = aux
@@ -157,7 +165,6 @@ def run_loop(losses, x_src, x0, goal, cfg: AttackConfig, key):
       w2, m2, v2 = (jnp.where(keep, a2, a1) for a1, a2 in zip((w, m, v), (w2, m2, v2)))
       x_new = 0.5 * (jnp.tanh(w2) + 1.0)
     else:
-      _, g = value_and_grad(x)
       if cfg.method == "lots":
         scale = jnp.max(jnp.abs(g), axis=tuple(range(1, g.ndim)), keepdims=True)
         step = g / jnp.maximum(scale, 1e-30)
@@ -174,8 +181,8 @@ def run_loop(losses, x_src, x0, goal, cfg: AttackConfig, key):
       x_new = jnp.clip(x_new, lo, hi) if projected else jnp.clip(x_new, 0.0, 1.0)
     x = jnp.where(_bcast(active, x), x_new, x)
     iters = iters + active.astype(jnp.int32)
-    _, dist = losses(x)
     if cfg.method == "cw":
+      _, dist = losses(x)
       l2 = jnp.sum(jnp.square(x - x_src), axis=reduce(x))
       better = active & (dist < goal) & (l2 < best_l2)
       best_x = jnp.where(_bcast(better, x), x, best_x)
@@ -187,8 +194,6 @@ def run_loop(losses, x_src, x0, goal, cfg: AttackConfig, key):
       c_w = jnp.where(stuck, c_w * 10.0, c_w)
       new_aux = (w2, m2, v2, best_x, best_l2, since, c_w)
       done = done | (jnp.isfinite(best_l2) & (since >= cfg.cw_patience))
-    else:
-      done = done | (dist < goal)
     return i + 1, x, done, iters, new_aux
 
   init = (jnp.zeros((), jnp.int32), x0, done0, jnp.zeros((b,), jnp.int32), aux0)
