@@ -485,6 +485,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
   mngr.wait_until_finished()
   mngr.close()
   bar.close()
+  del data_iter  # stops grain's worker processes and frees their shared memory
   train_seconds = time.perf_counter() - t_loop
   if not last and os.path.exists(metrics_path):  # already finished: report the logged end
     with open(metrics_path) as f:
@@ -552,8 +553,12 @@ def _print_summary(summary: dict, workdir: str) -> None:
     elif isinstance(v, list):
       v = "[" + ", ".join(f"{x:.4f}" for x in v) + "]"
     print(f"{k:>24}: {v}")
+  for name, r in (summary.get("eval") or {}).items():
+    print(f"{'eval ' + name:>24}: accuracy {r['accuracy']:.4f} (InsightFace), "
+          f"{r['paper_accuracy']:.4f} (paper)")
   print(f"{'files':>24}: " + ", ".join(os.path.join(workdir, f) for f in
-                                     ("summary.json", "metrics.jsonl", "config.json", "checkpoints/")))
+                                     ("summary.json", "eval.json", "metrics.jsonl", "config.json",
+                                      "checkpoints/")))
   print("=" * 60)
 
 
