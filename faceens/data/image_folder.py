@@ -95,6 +95,35 @@ def _natural_key(s: str):
   return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
+def list_image_files(root: str, identities: Sequence[str] | None = None, skip_bad: bool = False):
+  """``(identity names, [(path, label)], skipped non-image paths)`` of an image folder.
+
+  ``identities``: restrict to these folder names (in this order); ``None``: all, sorted
+  naturally (``s2`` before ``s10``). A file without an image extension raises ``DataError``
+  naming it, or with ``skip_bad`` is returned in ``skipped``.
+  """
+  found = dict(list_identities(root))
+  if identities is None:
+    names = sorted(found, key=_natural_key)
+  else:
+    missing = [n for n in identities if n not in found]
+    if missing:
+      raise DataError(f"identities {missing} not found under {root!r}; found {len(found)} folders")
+    names = list(identities)
+  files, skipped = [], []
+  for label, name in enumerate(names):
+    for p in found[name]:
+      if p.lower().endswith(IMAGE_EXTENSIONS):
+        files.append((p, label))
+      elif skip_bad:
+        skipped.append(p)
+      else:
+        raise DataError(f"{p} is not an image file (valid extensions: "
+                        f"{', '.join(IMAGE_EXTENSIONS)}); set skip_bad (config data.skip_bad) "
+                        "to skip such files")
+  return names, files, skipped
+
+
 def load_image_folder(root: str, size: int, fit: str = "pad", identities: Sequence[str] | None = None,
                       skip_bad: bool = False) -> FaceSet:
   """Loads a whole image folder into memory.
@@ -105,32 +134,18 @@ def load_image_folder(root: str, size: int, fit: str = "pad", identities: Sequen
     skip_bad: skip files that are not decodable images (counted, with a warning) instead of
       raising ``DataError`` naming the file.
   """
-  found = dict(list_identities(root))
-  if identities is None:
-    names = sorted(found, key=_natural_key)
-  else:
-    missing = [n for n in identities if n not in found]
-    if missing:
-      raise DataError(f"identities {missing} not found under {root!r}; found {len(found)} folders")
-    names = list(identities)
-  images, labels, paths, skipped = [], [], [], []
-  for label, name in enumerate(names):
-    for p in found[name]:
-      if not p.lower().endswith(IMAGE_EXTENSIONS):
-        if skip_bad:
-          skipped.append(p)
-          continue
-        raise DataError(f"{p} is not an image file (valid extensions: "
-                        f"{', '.join(IMAGE_EXTENSIONS)}); pass skip_bad=True to skip such files")
-      try:
-        images.append(load_image(p, size, fit))
-      except DataError:
-        if not skip_bad:
-          raise
-        skipped.append(p)
-        continue
-      labels.append(label)
-      paths.append(p)
+  names, files, skipped = list_image_files(root, identities, skip_bad)
+  images, labels, paths = [], [], []
+  for p, label in files:
+    try:
+      images.append(load_image(p, size, fit))
+    except DataError:
+      if not skip_bad:
+        raise
+      skipped.append(p)
+      continue
+    labels.append(label)
+    paths.append(p)
   if skipped:
     logging.warning("skipped %d unreadable or non-image files under %s (first: %s)",
                     len(skipped), root, skipped[0])

@@ -44,30 +44,23 @@ def pack_folder(images_dir: str, out_dir: str, size: int = 112, fit: str = "pad"
                 quality: int = 95, keep_bytes: bool = False, skip_bad: bool = False,
                 progress: bool = True) -> dict:
   from tqdm import tqdm
-  identities = image_folder.list_identities(images_dir)
-  encoded, labels, skipped = [], [], []
-  total = sum(len(files) for _, files in identities)
-  with tqdm(total=total, disable=not progress, unit="img", desc="pack_rec") as bar:
-    for label, (_, files) in enumerate(identities):
-      for p in files:
-        bar.update(1)
-        try:
-          if not p.lower().endswith(image_folder.IMAGE_EXTENSIONS):
-            raise DataError(f"{p} is not an image file (valid extensions: "
-                            f"{', '.join(image_folder.IMAGE_EXTENSIONS)})")
-          encoded.append(encode_file(p, size, fit, quality, keep_bytes))
-        except DataError:
-          if not skip_bad:
-            raise
-          skipped.append(p)
-          continue
-        labels.append(label)
+  names, files, skipped = image_folder.list_image_files(images_dir, skip_bad=skip_bad)
+  encoded, labels = [], []
+  for p, label in tqdm(files, disable=not progress, unit="img", desc="pack_rec"):
+    try:
+      encoded.append(encode_file(p, size, fit, quality, keep_bytes))
+    except DataError:
+      if not skip_bad:
+        raise
+      skipped.append(p)
+      continue
+    labels.append(label)
   if skipped:
     logging.warning("skipped %d unreadable files (first: %s)", len(skipped), skipped[0])
   if not encoded:
     raise DataError(f"no decodable images under {images_dir}")
-  recordio.write_dataset(out_dir, encoded, labels, len(identities), size, size)
-  return {"images": len(encoded), "classes": len(identities), "skipped": len(skipped),
+  recordio.write_dataset(out_dir, encoded, labels, len(names), size, size)
+  return {"images": len(encoded), "classes": len(names), "skipped": len(skipped),
           "out": out_dir}
 
 

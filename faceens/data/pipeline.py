@@ -55,26 +55,9 @@ class ImageFolderSource:
   """``root/<identity>/<image>`` read lazily as ``(file bytes, label, path)``."""
 
   def __init__(self, root: str, identities=None, skip_bad: bool = False):
-    found = dict(image_folder.list_identities(root))
-    if identities is None:
-      names = sorted(found, key=image_folder._natural_key)
-    else:
-      missing = [n for n in identities if n not in found]
-      if missing:
-        raise DataError(f"identities {missing} not found under {root!r}")
-      names = list(identities)
-    self.paths, labels, skipped = [], [], []
-    for label, name in enumerate(names):
-      for p in found[name]:
-        if not p.lower().endswith(image_folder.IMAGE_EXTENSIONS):
-          if skip_bad:
-            skipped.append(p)
-            continue
-          raise DataError(f"{p} is not an image file (valid extensions: "
-                          f"{', '.join(image_folder.IMAGE_EXTENSIONS)}); set data.skip_bad=True "
-                          "to skip such files")
-        self.paths.append(p)
-        labels.append(label)
+    names, files, skipped = image_folder.list_image_files(root, identities, skip_bad)
+    self.paths = [p for p, _ in files]
+    labels = [label for _, label in files]
     if skipped:
       logging.warning("skipped %d non-image files under %s (first: %s)", len(skipped), root,
                       skipped[0])
