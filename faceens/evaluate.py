@@ -115,16 +115,21 @@ def pairs_file_set(path: str, size: int, fit: str = "pad") -> EvalSet:
   return EvalSet(name, images, np.asarray(pairs, np.int64), np.asarray(issame), path)
 
 
+def standard_bin_sets(c) -> list[EvalSet]:
+  """``lfw``, ``cfp_fp``, ``agedb_30`` ``.bin`` files found in ``data.root`` (maybe none)."""
+  paths = [os.path.join(c.data.root, f"{n}.bin") for n in STANDARD_BINS]
+  return [bin_set(p, c.data.image_size, c.data.fit) for p in paths if os.path.isfile(p)]
+
+
 def default_sets(c) -> list[EvalSet]:
   """The run's own evaluation sets (see the module docstring)."""
   held = heldout_set(c)
   if held is not None:
     return [held]
   if c.data.kind == "ms1mv2" and c.data.root:
-    found = [os.path.join(c.data.root, f"{n}.bin") for n in STANDARD_BINS]
-    found = [p for p in found if os.path.isfile(p)]
+    found = standard_bin_sets(c)
     if found:
-      return [bin_set(p, c.data.image_size, c.data.fit) for p in found]
+      return found
     raise DataError(f"no {', '.join(n + '.bin' for n in STANDARD_BINS)} in {c.data.root}; pass "
                     "--bins=a.bin,b.bin or --pairs=pairs.txt")
   raise DataError("this run has no default evaluation set (no held-out identities); pass "

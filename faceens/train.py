@@ -296,8 +296,7 @@ def evaluation_sets(c, held: image_folder.FaceSet | None):
     return [evaluate.faceset_pairs("heldout", held, c.train.heldout_pairs_seed,
                                    c.data.heldout_root or c.data.root or "bundled ORL s31-s40")]
   if c.data.kind == "ms1mv2" and c.data.root:
-    bins = [os.path.join(c.data.root, f"{n}.bin") for n in evaluate.STANDARD_BINS]
-    return [evaluate.bin_set(p, c.data.image_size, c.data.fit) for p in bins if os.path.isfile(p)]
+    return evaluate.standard_bin_sets(c)
   return []
 
 

@@ -124,6 +124,25 @@ def list_image_files(root: str, identities: Sequence[str] | None = None, skip_ba
   return names, files, skipped
 
 
+def read_each(files, read, skip_bad: bool, skipped: list):
+  """``read(path)`` for each ``(path, label)``: ``(outputs, labels, paths)`` of the files read.
+
+  A ``DataError`` propagates, or with ``skip_bad`` the path is appended to ``skipped``.
+  """
+  outputs, labels, paths = [], [], []
+  for p, label in files:
+    try:
+      outputs.append(read(p))
+    except DataError:
+      if not skip_bad:
+        raise
+      skipped.append(p)
+      continue
+    labels.append(label)
+    paths.append(p)
+  return outputs, labels, paths
+
+
 def load_image_folder(root: str, size: int, fit: str = "pad", identities: Sequence[str] | None = None,
                       skip_bad: bool = False) -> FaceSet:
   """Loads a whole image folder into memory.
@@ -135,17 +154,7 @@ def load_image_folder(root: str, size: int, fit: str = "pad", identities: Sequen
       raising ``DataError`` naming the file.
   """
   names, files, skipped = list_image_files(root, identities, skip_bad)
-  images, labels, paths = [], [], []
-  for p, label in files:
-    try:
-      images.append(load_image(p, size, fit))
-    except DataError:
-      if not skip_bad:
-        raise
-      skipped.append(p)
-      continue
-    labels.append(label)
-    paths.append(p)
+  images, labels, paths = read_each(files, lambda p: load_image(p, size, fit), skip_bad, skipped)
   if skipped:
     logging.warning("skipped %d unreadable or non-image files under %s (first: %s)",
                     len(skipped), root, skipped[0])

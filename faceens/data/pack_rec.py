@@ -45,16 +45,9 @@ def pack_folder(images_dir: str, out_dir: str, size: int = 112, fit: str = "pad"
                 progress: bool = True) -> dict:
   from tqdm import tqdm
   names, files, skipped = image_folder.list_image_files(images_dir, skip_bad=skip_bad)
-  encoded, labels = [], []
-  for p, label in tqdm(files, disable=not progress, unit="img", desc="pack_rec"):
-    try:
-      encoded.append(encode_file(p, size, fit, quality, keep_bytes))
-    except DataError:
-      if not skip_bad:
-        raise
-      skipped.append(p)
-      continue
-    labels.append(label)
+  files = tqdm(files, disable=not progress, unit="img", desc="pack_rec")
+  encoded, labels, _ = image_folder.read_each(
+      files, lambda p: encode_file(p, size, fit, quality, keep_bytes), skip_bad, skipped)
   if skipped:
     logging.warning("skipped %d unreadable files (first: %s)", len(skipped), skipped[0])
   if not encoded:
