@@ -188,7 +188,9 @@ def white_box(model, methods, n_pairs: int, goal: str, out_dir: str, *, images_d
     summ.update({"workdir": model.workdir, "goal": goal, "pairs_from": source, "seed": seed})
     curve = lots.tau_curve(res["l2"], res["success"])
     with open(os.path.join(out_dir, f"attack_{name}.json"), "w") as f:
-      json.dump({"summary": summ, "tau_curve": curve}, f, indent=2)
+      # Eq. 1: over the successful AXs only; success_rate (of all attempts) stands beside it.
+      json.dump({"summary": summ, "tau_curve": curve, "tau_curve_n_ax": int(res["success"].sum()),
+                 "success_rate": summ["success_rate"]}, f, indent=2)
     np.savez_compressed(os.path.join(out_dir, f"attack_{name}.npz"), x_src=x_src, x_tgt=x_tgt,
                         x_adv=res["x_adv"], success=res["success"], iterations=res["iterations"],
                         goal=res["goal"], distance=res["distance"], l2=res["l2"],

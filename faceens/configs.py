@@ -94,7 +94,9 @@ def method_config(method: str, loss: str, variant: str | None = None) -> ml_coll
   c.optim.decay_at = (0.6, 0.75, 0.9)  # fractions of training: epochs 12, 15, 18 of 20
   c.optim.decay_factor = 0.1
   c.optim.warmup_steps = 0
-  c.optim.clip_norm = 5.0           # arcface_torch clips the backbone gradient norm at 5
+  # The paper clips nothing. > 0: clip each member's own backbone gradient at this global norm
+  # (arcface_torch clips its one backbone at 5); never across members, never the class weights.
+  c.optim.clip_norm = 0.0
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 256          # global batch (paper)
@@ -190,6 +192,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail("optim.name", c.optim.name, ", ".join(OPTIMIZERS))
   if not c.optim.lr > 0:
     _fail("optim.lr", c.optim.lr, "a positive float")
+  if c.optim.clip_norm < 0:
+    _fail("optim.clip_norm", c.optim.clip_norm,
+          "0 (no clipping, the paper) or a positive per-member backbone gradient norm")
   if any(not 0 < f < 1 for f in c.optim.decay_at):
     _fail("optim.decay_at", c.optim.decay_at, "fractions of training in (0, 1)")
   if c.train.batch_size < 2:

@@ -63,12 +63,16 @@ def plot(runs, out_dir: str, labels: dict | None = None) -> list[str]:
   for name, docs in sorted(white.items()):
     fig, ax = plt.subplots(figsize=(5, 4))
     for run, doc in docs.items():
-      taus, rates = zip(*doc["tau_curve"])
       s = doc["summary"]
-      ax.plot(taus, rates, label=f"{_label(run, labels)}: L2 med {s['l2_median'] or 0:.2f}")
+      if not doc["tau_curve"]:  # no successful AX: Eq. 1 is undefined
+        ax.plot([], [], label=f"{_label(run, labels)}: success 0/{s['n']}")
+        continue
+      taus, rates = zip(*doc["tau_curve"])
+      ax.plot(taus, rates, label=f"{_label(run, labels)}: success {s['success_rate']:.2f}, "
+                                 f"L2 med {s['l2_median'] or 0:.2f}")
     goal = next(iter(docs.values()))["summary"].get("goal")
     ax.set(xlabel=r"$\tau$ ($\|x_{adv} - x_s\|_2$, pixels in [0, 1])",
-           ylabel=r"$\tau$-attack success rate", title=f"LOTS via {name} (goal: {goal})",
+           ylabel=r"$\tau_{Acc}$ (Eq. 1: share of successful AXs)", title=f"LOTS via {name} (goal: {goal})",
            ylim=(0, 1.02))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

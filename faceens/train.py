@@ -74,11 +74,39 @@ def learning_rate_schedule(c, num_steps: int):
   return sched
 
 
+def clip_member_backbones(max_norm: float) -> optax.GradientTransformation:
+  """Clips each member's backbone gradient to global norm ``max_norm``, independently.
+
+  The gradient tree is ``{"backbone": leaves stacked [K, ...], "head": ...}``. Member k's norm is
+  taken over slice k of every backbone leaf, and only slice k is scaled, so no member's gradient
+  changes another's update (``optax.clip_by_global_norm`` over the whole tree would couple them).
+  The class weights (``head``, shared by all members under SRV) are never clipped, as in
+  arcface_torch, which clips its backbone only.
+  """
+  if not max_norm > 0:
+    raise ValueError(f"clip_member_backbones needs max_norm > 0, got {max_norm}")
+
+  def update_fn(updates, state, params=None):
+    del params
+    leaves = jax.tree.leaves(updates["backbone"])
+    sq = sum(jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(g.shape[0], -1), axis=1)
+             for g in leaves)                                             # [K]
+    norm = jnp.sqrt(sq)
+    scale = jnp.where(norm > max_norm, max_norm / jnp.maximum(norm, 1e-30), 1.0)
+    backbone = jax.tree.map(
+        lambda g: (g * scale.reshape((-1,) + (1,) * (g.ndim - 1))).astype(g.dtype),
+        updates["backbone"])
+    return dict(updates, backbone=backbone), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def make_optimizer(c, num_steps: int) -> optax.GradientTransformation:
+  """The configured optimiser; members' updates are independent of each other (tested)."""
   sched = learning_rate_schedule(c, num_steps)
   parts = []
-  if c.optim.clip_norm and c.optim.clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(c.optim.clip_norm))
+  if c.optim.clip_norm > 0:
+    parts.append(clip_member_backbones(c.optim.clip_norm))
   if c.optim.name == "sgd":
     # PyTorch SGD semantics (what ArcFace uses): grad + wd * p, then momentum.
     parts += [optax.add_decayed_weights(c.optim.weight_decay),
@@ -170,13 +198,22 @@ def make_train_step(c, model: nn.Module, optimizer):
     (loss, (aux, new_stats)), grads = grad_fn(state.params, state.batch_stats, images, labels, rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    # 1 when the loss, the gradient and the new state are finite: no checkpoint is saved otherwise.
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & tree_all_finite(params)
+              & tree_all_finite(new_stats))
     metrics = {"loss": loss, "ce": aux["ce"], "reg": aux["reg"], "accuracy": aux["accuracy"],
-               "grad_norm": optax.tree.norm(grads)}
+               "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                               opt_state=opt_state)
     return new_state, metrics
 
   return train_step
+
+
+def tree_all_finite(tree) -> jax.Array:
+  """True when every element of every leaf is finite."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -330,6 +367,16 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
+def _non_finite_error(m: dict, done: int, c, last_good: int | None) -> NonFiniteLossError:
+  kept = (f"the last good checkpoint (step {last_good}) is kept and a restart resumes from it"
+          if last_good is not None else "no checkpoint was saved")
+  return NonFiniteLossError(
+      f"training became non-finite at step {done} (loss={float(m['loss'])}, ce={float(m['ce'])}, "
+      f"reg={float(m['reg'])}, grad_norm={float(m['grad_norm'])}); {kept}. Lower optim.lr "
+      f"(now {c.optim.lr}) or the regulariser weight (adp.beta / fdp.gamma), set "
+      "optim.clip_norm (per-member backbone clipping), or check the input data")
+
+
 def _checkpoint_manager(workdir: str, c):
   import orbax.checkpoint as ocp
   options = ocp.CheckpointManagerOptions(save_interval_steps=c.train.checkpoint_every,
@@ -341,17 +388,25 @@ def _checkpoint_manager(workdir: str, c):
 def restore_or_init(mngr, state: TrainState, data_iter=None) -> TrainState:
   """The latest checkpointed state (and, given ``data_iter``, its input-pipeline position)."""
   import orbax.checkpoint as ocp
-  latest = mngr.latest_step()
-  if latest is None:
-    return state
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  items = {"state": ocp.args.StandardRestore(abstract)}
-  if data_iter is not None:
-    import grain
-    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-  restored = mngr.restore(latest, args=ocp.args.Composite(**items))
-  logging.info("resumed from checkpoint at step %d", latest)
-  return restored["state"]
+  # Newest first; a non-finite checkpoint (written by an older faceens) is skipped with a warning.
+  for step in sorted(mngr.all_steps(), reverse=True):
+    items = {"state": ocp.args.StandardRestore(abstract)}
+    if data_iter is not None:
+      import grain
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = mngr.restore(step, args=ocp.args.Composite(**items))["state"]
+    if not bool(tree_all_finite((restored.params, restored.batch_stats))):
+      logging.warning("checkpoint at step %d holds non-finite parameters: deleted, trying an "
+                      "earlier one", step)
+      mngr.delete(step)  # the run will save this step again
+      continue
+    logging.info("resumed from checkpoint at step %d", step)
+    return restored
+  if mngr.all_steps():
+    raise NonFiniteLossError(f"every checkpoint in {mngr.directory} holds non-finite parameters; "
+                             "move them away to start again")
+  return state
 
 
 def _truncate_metrics(path: str, step: int) -> None:
@@ -447,12 +502,10 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
         steady_images += n_window
         steady_time += now - t_window
       t_window, n_window = now, 0
-      last = {k: float(v) for k, v in m.items()}
-      if not math.isfinite(last["loss"]):
-        raise NonFiniteLossError(
-            f"loss became {last['loss']} at step {done} (ce={last['ce']}, reg={last['reg']}, "
-            f"grad_norm={last['grad_norm']}); lower optim.lr (now {c.optim.lr}) or the "
-            "regulariser weight (adp.beta / fdp.gamma), or check the input data")
+      last = {k: float(v) for k, v in m.items() if k != "finite"}
+      if not (m["finite"] and math.isfinite(last["loss"])):
+        _close_quietly(mngr, bar)
+        raise _non_finite_error(m, done, c, mngr.latest_step())
       lr = float(schedule(step))
       record = {"step": done, "lr": lr, "img_per_s": ips, **last}
       if is_main:
@@ -475,7 +528,13 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
             f"{n} accuracy {r['accuracy']:.4f} (paper {r['paper']['accuracy']:.4f})"
             for n, r in results.items()))
     bar.update(1)
-    mngr.save(done, args=_save_args(state, data_iter), force=(done == num_steps))
+    if done == num_steps or mngr.should_save(done):
+      # Never checkpoint a non-finite state: every resume would load it.
+      m = jax.device_get(metrics)
+      if not m["finite"]:
+        _close_quietly(mngr, bar)
+        raise _non_finite_error(m, done, c, mngr.latest_step())
+      mngr.save(done, args=_save_args(state, data_iter), force=(done == num_steps))
     if stop_after is not None and done >= stop_after:
       mngr.wait_until_finished()
       mngr.close()
@@ -515,6 +574,12 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
   return summary
+
+
+def _close_quietly(mngr, bar) -> None:
+  mngr.wait_until_finished()
+  mngr.close()
+  bar.close()
 
 
 def _save_args(state, data_iter=None):
@@ -570,7 +635,11 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   if FLAGS.distributed:
     jax.distributed.initialize()
-  c = FLAGS.config
+  try:
+    c = FLAGS.config
+    c.get("method")  # a config file that failed to load raises on first use
+  except OSError as e:
+    raise _config_file_error(e) from None
   try:
     summary = train_and_evaluate(c, FLAGS.workdir)
   except (ValueError, FileNotFoundError, NotImplementedError, image_folder.DataError,
@@ -590,7 +659,45 @@ def _define_flags():
   flags.mark_flags_as_required(["config", "workdir"])
 
 
+def parse_flags(argv):
+  """absl's flag parsing, with a one-line error for a mistyped config override or config file
+  (ml_collections raises ``AttributeError`` / ``OSError`` from deep inside for those)."""
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    text = str(e)
+    if "Traceback" in text:  # config_flags puts the config file's traceback in the message
+      lines = [l.strip() for l in text.splitlines() if l.strip()]
+      text = f"{lines[0]} {lines[-1]}"
+    raise SystemExit(f"error: {text}") from None
+  except (AttributeError, KeyError) as e:
+    # ml_collections: "'gama'\nDid you mean \"gamma\" instead of \"gama\"?", repr-quoted.
+    text = str(e.args[0]) if e.args else str(e)
+    while text[:1] in "'\"" and text[-1:] == text[:1] and len(text) > 1:
+      text = text[1:-1].encode().decode("unicode_escape")
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    field = lines[0].strip("'\"") if lines else "?"
+    arg = next((a for a in argv[1:] if a.startswith("--config.") and field in a), "--config.?")
+    hint = f" {lines[1]}" if len(lines) > 1 else ""
+    raise SystemExit(f"error: {arg.split('=')[0]}: the config has no field {field!r}.{hint} "
+                     "(python -m faceens.train --helpfull lists the fields)") from None
+  except OSError as e:
+    raise _config_file_error(e) from None
+  except ValueError as e:  # raised by the experiment's get_config (e.g. an unknown variant)
+    raise SystemExit(f"error: --config: {e}") from None
+
+
+def _config_file_error(e: OSError) -> SystemExit:
+  cause = e.__cause__ or e
+  lines = [l.strip() for l in str(cause).splitlines() if l.strip()]
+  detail = lines[-1] if lines else str(cause)
+  return SystemExit(f"error: --config could not be loaded ({detail}); give an "
+                    "experiments/<loss>_<method>.py[:variant] file, e.g. "
+                    "--config=experiments/arcface_srv_fdp.py:demo")
+
+
 if __name__ == "__main__":
   from absl import app
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -147,7 +147,11 @@ def test_tau_curve_is_eq1_and_monotone():
   l2 = np.array([0.5, 1.0, 2.0, 3.0])
   success = np.array([True, True, False, True])
   curve = lots.tau_curve(l2, success, taus=[0.4, 0.6, 1.5, 2.5, 3.5])
-  assert curve == [(0.4, 0.0), (0.6, 0.25), (1.5, 0.5), (2.5, 0.5), (3.5, 0.75)]
+  # Eq. 1 divides by |AX|, the 3 successful examples (the failed one at L2 2.0 is not in AX).
+  assert curve == [(0.4, 0.0), (0.6, 1 / 3), (1.5, 2 / 3), (2.5, 2 / 3), (3.5, 1.0)]
+  assert lots.tau_curve(l2, np.zeros(4, bool)) == []
+  with pytest.raises(ValueError, match="same shape"):
+    lots.tau_curve(l2, success[:3])
   rng = np.random.default_rng(0)
   rates = [r for _, r in lots.tau_curve(rng.exponential(size=200), rng.random(200) < 0.8)]
   assert all(b >= a for a, b in zip(rates, rates[1:])) and rates[0] == 0.0

@@ -8,9 +8,11 @@ import subprocess
 import sys
 import textwrap
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from faceens import api, configs, heads, train
@@ -195,3 +197,117 @@ def test_cli_errors_are_clear(tmp_path):
   r = _cli("--config=experiments/arcface_srv_fdp.py", "--config.data.root=nowhere", tmp_path=tmp_path)
   assert r.returncode != 0 and "MS1MV2 training data not found at 'nowhere'" in r.stderr
   assert ":demo" in r.stderr
+  for args, match in [
+      (("--config=experiments/arcface_srv_fdp.py:test", "--config.fdp.gama=3"),
+       "error: --config.fdp.gama: the config has no field 'gama'. Did you mean \"gamma\""),
+      (("--config=experiments/arcface_srv_fdpp.py:test",),
+       "error: --config could not be loaded ([Errno 2] No such file or directory"),
+      (("--config=experiments/arcface_srv_fdp.py:tiny",), "unknown variant 'tiny'; valid: full"),
+  ]:
+    r = _cli(*args, tmp_path=tmp_path)
+    assert r.returncode != 0 and match in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# ----------------------------------------------------------------------------- optimiser, members
+
+
+def _member_as_single(state: train.TrainState, k: int, c_single, opt) -> train.TrainState:
+  """A K = 1 state holding member k of an ensemble state (per-member heads)."""
+  take = lambda t: jax.tree.map(lambda a: a[k:k + 1], t)  # noqa: E731
+  params = {"backbone": take(state.params["backbone"]), "head": state.params["head"][k:k + 1]}
+  return train.TrainState(step=state.step, params=params, batch_stats=take(state.batch_stats),
+                          opt_state=opt.init(params), rng=state.rng)
+
+
+@pytest.mark.parametrize("clip_norm", [0.0, 0.05])
+def test_member_updates_are_independent(clip_norm):
+  """A baseline ensemble's member k after one step equals member k trained alone on the batch:
+  no clipping (the paper), and per-member backbone clipping small enough to be active."""
+  c = configs.method_config("baseline", "arcface", "test")
+  c.ensemble.num_members, c.ensemble.strategy = 2, "unrolled"
+  c.optim.clip_norm = clip_norm
+  cs = configs.method_config("single", "arcface", "test")
+  cs.optim.clip_norm = clip_norm
+  opt, opt_s = train.make_optimizer(c, 10), train.make_optimizer(cs, 10)
+  state = train.create_train_state(c, 30, opt)
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+  y = rng.integers(0, 30, 8).astype(np.int32)
+  step = jax.jit(train.make_train_step(c, train.build_model(c), opt))
+  step_s = jax.jit(train.make_train_step(cs, train.build_model(cs), opt_s))
+  new, m = step(state, x, y)
+  assert m["finite"] == 1.0
+  if clip_norm:  # the clip is active: the raw backbone gradient is far above 0.05
+    assert m["grad_norm"] > 10 * clip_norm
+  for k in range(2):
+    alone, _ = step_s(_member_as_single(state, k, cs, opt_s), x, y)
+    got = jax.tree.map(lambda a: a[k:k + 1], (new.params["backbone"], new.batch_stats))
+    got = (got, new.params["head"][k:k + 1])
+    want = ((alone.params["backbone"], alone.batch_stats), alone.params["head"])
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_member_backbones_matches_numpy():
+  rng = np.random.default_rng(1)
+  g = {"backbone": {"a": rng.normal(size=(3, 4, 5)), "b": rng.normal(size=(3, 7))},
+       "head": 100 * rng.normal(size=(6, 2))}
+  g = jax.tree.map(lambda a: a.astype(np.float32), g)
+  out, _ = train.clip_member_backbones(2.0).update(jax.tree.map(jnp.asarray, g), optax.EmptyState())
+  for k in range(3):
+    norm = np.sqrt(np.sum(g["backbone"]["a"][k] ** 2) + np.sum(g["backbone"]["b"][k] ** 2))
+    scale = min(1.0, 2.0 / norm)
+    np.testing.assert_allclose(out["backbone"]["a"][k], g["backbone"]["a"][k] * scale, rtol=1e-6)
+    np.testing.assert_allclose(out["backbone"]["b"][k], g["backbone"]["b"][k] * scale, rtol=1e-6)
+  np.testing.assert_array_equal(out["head"], g["head"])  # class weights are never clipped
+
+
+def test_paper_recipe_clips_nothing():
+  for method in ("single", "baseline", "srv_fdp"):
+    for variant in ("full", "demo"):
+      assert configs.method_config(method, "arcface", variant).optim.clip_norm == 0.0
+  c = configs.method_config("srv_fdp", "arcface", "test")
+  c.optim.clip_norm = -1.0
+  with pytest.raises(ValueError, match="optim.clip_norm = -1.0 is invalid"):
+    configs.validate(c)
+
+
+# ----------------------------------------------------------------------------- non-finite states
+
+
+def test_non_finite_state_is_never_checkpointed(tmp_path):
+  """lr 1e30 blows the parameters up within a few steps; log steps are too rare to notice, the
+  check at each save must: the run stops with the hint and every saved checkpoint is finite."""
+  c = configs.method_config("single", "arcface", "test")
+  c.optim.name, c.optim.lr, c.optim.momentum = "sgd", 1e30, 0.0
+  c.train.steps, c.train.checkpoint_every, c.train.log_every = 6, 1, 1000
+  with pytest.raises(train.NonFiniteLossError, match="training became non-finite at step") as e:
+    train.train_and_evaluate(c, str(tmp_path), progress=False)
+  assert "lower optim.lr" in str(e.value).lower()
+  import orbax.checkpoint as ocp
+  steps = ocp.CheckpointManager(str(tmp_path / "checkpoints")).all_steps()
+  assert steps, "the first step is finite and must have been saved"
+  assert f"the last good checkpoint (step {max(steps)}) is kept" in str(e.value)
+  state = train.create_train_state(c, 30, train.make_optimizer(c, 6))
+  mngr = train._checkpoint_manager(str(tmp_path), c)
+  for s in steps:
+    restored = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(
+        jax.tree.map(ocp.utils.to_shape_dtype_struct, state))))["state"]
+    assert bool(train.tree_all_finite((restored.params, restored.batch_stats))), s
+  mngr.close()
+
+
+def test_resume_skips_a_non_finite_checkpoint(tmp_path):
+  c = configs.method_config("single", "arcface", "test")
+  c.train.steps, c.train.checkpoint_every = 2, 1
+  train.train_and_evaluate(c, str(tmp_path), stop_after=1, progress=False)
+  good = train.load_state(c, str(tmp_path), 30)
+  bad = good.replace(step=good.step + 1,
+                     params=jax.tree.map(lambda a: a * jnp.nan, good.params))
+  mngr = train._checkpoint_manager(str(tmp_path), c)
+  mngr.save(2, args=train._save_args(bad), force=True)  # as an older faceens could have
+  mngr.wait_until_finished()
+  fresh = train.create_train_state(c, 30, train.make_optimizer(c, 2))
+  restored = train.restore_or_init(mngr, fresh)
+  assert int(restored.step) == 1 and mngr.all_steps() == [1]
+  chex.assert_trees_all_equal(jax.device_get(restored.params), jax.device_get(good.params))
+  mngr.close()

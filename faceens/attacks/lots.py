@@ -273,10 +273,20 @@ def _np_bcast(mask, x):
 
 
 def tau_curve(l2: np.ndarray, success: np.ndarray, taus=None) -> list[tuple[float, float]]:
-  """Amada et al. Eq. 1: fraction of all AXs that succeeded with ``||x_adv - x_s||_2 < tau``."""
+  """Amada et al. Eq. 1: ``tau_Acc = |{x_adv in AX : ||x_adv - x_s||_2 < tau}| / |AX|``.
+
+  ``AX`` is the set of *successful* adversarial examples, so the curve rises to 1 at the largest
+  successful perturbation; report the success rate (successes / attempts) beside it. Returns
+  ``[(tau, tau_Acc)]``; an empty list when no attack succeeded (the curve is undefined).
+  """
   l2, success = np.asarray(l2, np.float64), np.asarray(success, bool)
+  if l2.shape != success.shape:
+    raise ValueError(f"l2 {l2.shape} and success {success.shape} must have the same shape")
+  n_ax = int(success.sum())
+  if n_ax == 0:
+    return []
   if taus is None:
-    top = float(l2[success].max()) if success.any() else 1.0
+    top = float(l2[success].max())
     taus = np.linspace(0.0, top * 1.05 + 1e-9, 101)
-  n = max(len(l2), 1)
-  return [(float(t), float(np.sum(success & (l2 < t)) / n)) for t in taus]
+  ax = l2[success]
+  return [(float(t), float(np.sum(ax < t) / n_ax)) for t in taus]
