@@ -33,30 +33,31 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # ----------------------------------------------------------------------------- PyTorch port
 
 
-def torch_mobilefacenet(variables: dict, config):
-  """A PyTorch MobileFaceNet holding member 0's weights of a faceens checkpoint (eval mode)."""
+def torch_mobilefacenet(variables: dict, config, member: int = 0):
+  """A PyTorch MobileFaceNet holding member ``member``'s weights of a faceens checkpoint (eval
+  mode); its forward takes NCHW images in [0, 1] and returns the normalised feature."""
   import torch
   from torch import nn
 
-  params = variables["params"]  # stacked on a member axis: [0] is member 0
+  params = variables["params"]  # stacked on a member axis
   stats = variables["batch_stats"]
   t = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32))  # noqa: E731
 
   def bn2d(p, s, n):
     b = nn.BatchNorm2d(n, eps=1e-5)
-    b.weight.data, b.bias.data = t(np.asarray(p["scale"])[0]), t(np.asarray(p["bias"])[0])
-    b.running_mean.data, b.running_var.data = t(np.asarray(s["mean"])[0]), t(np.asarray(s["var"])[0])
+    b.weight.data, b.bias.data = t(np.asarray(p["scale"])[member]), t(np.asarray(p["bias"])[member])
+    b.running_mean.data, b.running_var.data = t(np.asarray(s["mean"])[member]), t(np.asarray(s["var"])[member])
     return b
 
   class ConvBN(nn.Module):
     def __init__(self, p, s, stride):
       super().__init__()
       if "DepthwiseConv_0" in p:
-        k = np.asarray(p["DepthwiseConv_0"]["kernel"])[0]          # [k, k, 1, C]
+        k = np.asarray(p["DepthwiseConv_0"]["kernel"])[member]          # [k, k, 1, C]
         c = k.shape[-1]
         self.conv = nn.Conv2d(c, c, k.shape[0], stride, (k.shape[0] - 1) // 2, groups=c, bias=False)
       else:
-        k = np.asarray(p["Conv_0"]["kernel"])[0]                   # [k, k, I, O]
+        k = np.asarray(p["Conv_0"]["kernel"])[member]                   # [k, k, I, O]
         self.conv = nn.Conv2d(k.shape[2], k.shape[3], k.shape[0], stride, (k.shape[0] - 1) // 2,
                               bias=False)
       self.conv.weight.data = t(k.transpose(3, 2, 0, 1))
@@ -65,7 +66,7 @@ def torch_mobilefacenet(variables: dict, config):
       self.act = None
       if "PReLU_0" in p:
         self.act = nn.PReLU(n)
-        self.act.weight.data = t(np.asarray(p["PReLU_0"]["slope"])[0])
+        self.act.weight.data = t(np.asarray(p["PReLU_0"]["slope"])[member])
 
     def forward(self, x):
       x = self.bn(self.conv(x))
@@ -98,18 +99,18 @@ def torch_mobilefacenet(variables: dict, config):
         layers.append(Block(params[name], stats[name], 2 if i in starts else 1, i not in starts))
       layers.append(ConvBN(params["ConvBN_2"], stats["ConvBN_2"], 1))
       self.body = nn.Sequential(*layers)
-      g = np.asarray(params["gdc_kernel"])[0]                        # [h, w, 1, C]
+      g = np.asarray(params["gdc_kernel"])[member]                        # [h, w, 1, C]
       self.gdc = nn.Parameter(t(g[:, :, 0, :].transpose(2, 0, 1)))   # [C, h, w]
       gb = nn.BatchNorm1d(g.shape[-1], eps=1e-5)
-      gb.weight.data, gb.bias.data = t(np.asarray(params["gdc_bn"]["scale"])[0]), t(np.asarray(params["gdc_bn"]["bias"])[0])
-      gb.running_mean.data, gb.running_var.data = t(np.asarray(stats["gdc_bn"]["mean"])[0]), t(np.asarray(stats["gdc_bn"]["var"])[0])
+      gb.weight.data, gb.bias.data = t(np.asarray(params["gdc_bn"]["scale"])[member]), t(np.asarray(params["gdc_bn"]["bias"])[member])
+      gb.running_mean.data, gb.running_var.data = t(np.asarray(stats["gdc_bn"]["mean"])[member]), t(np.asarray(stats["gdc_bn"]["var"])[member])
       self.gdc_bn = gb
-      fc = np.asarray(params["fc"]["kernel"])[0]
+      fc = np.asarray(params["fc"]["kernel"])[member]
       self.fc = nn.Linear(fc.shape[0], fc.shape[1], bias=False)
       self.fc.weight.data = t(fc.T)
       fb = nn.BatchNorm1d(fc.shape[1], eps=1e-5)
-      fb.weight.data, fb.bias.data = t(np.asarray(params["feature_bn"]["scale"])[0]), t(np.asarray(params["feature_bn"]["bias"])[0])
-      fb.running_mean.data, fb.running_var.data = t(np.asarray(stats["feature_bn"]["mean"])[0]), t(np.asarray(stats["feature_bn"]["var"])[0])
+      fb.weight.data, fb.bias.data = t(np.asarray(params["feature_bn"]["scale"])[member]), t(np.asarray(params["feature_bn"]["bias"])[member])
+      fb.running_mean.data, fb.running_var.data = t(np.asarray(stats["feature_bn"]["mean"])[member]), t(np.asarray(stats["feature_bn"]["var"])[member])
       self.feature_bn = fb
 
     def forward(self, x01):                                          # NCHW in [0, 1]
@@ -121,12 +122,31 @@ def torch_mobilefacenet(variables: dict, config):
   return Net().eval()
 
 
+def torch_ensemble(variables: dict, config):
+  """E(x) = mean_k f_k(x) / ||f_k(x)|| over every member of a faceens checkpoint, in PyTorch."""
+  import torch
+  import jax
+  k = jax.tree.leaves(variables["params"])[0].shape[0]
+  nets = torch.nn.ModuleList([torch_mobilefacenet(variables, config, m) for m in range(k)])
+
+  class Ensemble(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.nets = nets
+
+    def forward(self, x01):
+      return torch.stack([n(x01) for n in self.nets]).mean(dim=0)
+
+  return Ensemble().eval()
+
+
+
 def torch_lots_ifgsm(net, x_src, target, goal, step, max_iters):
   """I-FGSM LOTS on a batch with a done mask; returns (x_adv, success, iterations)."""
   import torch
   x = x_src.clone()
-  done = torch.zeros(len(x), dtype=torch.bool)
-  iters = torch.zeros(len(x), dtype=torch.int64)
+  done = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+  iters = torch.zeros(len(x), dtype=torch.int64, device=x.device)
   for it in range(max_iters + 1):
     # As the JAX loop: one forward gives the distance (done check) and the loss to differentiate.
     x.requires_grad_(True)

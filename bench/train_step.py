@@ -30,7 +30,10 @@ BATCH, SIZE, CLASSES = 64, 112, 1000
 # ----------------------------------------------------------------------------- JAX
 
 
-def bench_jax(members: int, steps: int, depthwise_impl: str = "auto", strategy: str = "auto"):
+def bench_jax(members: int, steps: int, depthwise_impl: str = "auto", strategy: str = "auto", *,
+              dtype: str = "float32", batch: int = BATCH, size: int = SIZE, classes: int = CLASSES,
+              width: float = 1.0, blocks=(1, 4, 6, 2), embedding_dim: int = 512):
+  """Median images/s of faceens' jitted train step (the ``baseline`` method for K > 1)."""
   import jax
   from faceens import configs, train
 
@@ -38,16 +41,19 @@ def bench_jax(members: int, steps: int, depthwise_impl: str = "auto", strategy: 
   c.ensemble.num_members = members
   c.model.head = "gdc"
   c.model.depthwise_impl = depthwise_impl
+  c.model.dtype = dtype
+  c.model.width, c.model.blocks, c.model.embedding_dim = width, tuple(blocks), embedding_dim
+  c.data.image_size = size
   c.ensemble.strategy = strategy
-  c.train.batch_size = BATCH
+  c.train.batch_size = batch
   opt = train.make_optimizer(c, 1000)
   model = train.build_model(c)
-  state = train.create_train_state(c, CLASSES, opt)
   mesh = train.make_mesh()
+  state = train.replicate(train.create_train_state(c, classes, opt), mesh)
   step = train.shard_train_step(train.make_train_step(c, model, opt), mesh, state)
   rng = np.random.default_rng(0)
-  x = rng.integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8)
-  y = rng.integers(0, CLASSES, BATCH).astype(np.int32)
+  x = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+  y = rng.integers(0, classes, batch).astype(np.int32)
   xb, yb = train.put_batch(mesh, x, y)
   t0 = time.perf_counter()
   state, m = step(state, xb, yb)
@@ -62,17 +68,21 @@ def bench_jax(members: int, steps: int, depthwise_impl: str = "auto", strategy: 
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
   assert np.isfinite(float(m["loss"]))
-  return {"img_per_s": BATCH / float(np.median(times)), "step_s": float(np.median(times)),
-          "compile_s": compile_s, "backend": jax.default_backend(),
-          "depthwise_impl": depthwise_impl, "strategy": strategy}
+  return {"img_per_s": batch / float(np.median(times)), "step_s": float(np.median(times)),
+          "compile_s": compile_s, "backend": jax.default_backend(), "loss": float(m["loss"]),
+          "depthwise_impl": depthwise_impl, "strategy": strategy, "dtype": dtype}
 
 
 # ----------------------------------------------------------------------------- PyTorch
 
 
-def torch_model(members: int):
+def torch_model(members: int, *, classes: int = CLASSES, width: float = 1.0,
+                blocks=(1, 4, 6, 2), d: int = 512, size: int = SIZE):
+  """arcface_torch's MobileFaceNet (GDC head) x K with per-member CosFace class weights."""
   import torch
   from torch import nn
+
+  c = lambda n: max(8, int(round(n * width)))  # noqa: E731  (faceens' width rule)
 
   class ConvBlock(nn.Module):
     def __init__(self, cin, cout, k=1, s=1, p=0, groups=1, act=True):
@@ -96,16 +106,16 @@ def torch_model(members: int):
       return x + self.layers(x) if self.residual else self.layers(x)
 
   class MobileFaceNet(nn.Module):
-    def __init__(self, blocks=(1, 4, 6, 2), d=512):
+    def __init__(self):
       super().__init__()
-      layers = [ConvBlock(3, 64, 3, 2, 1), ConvBlock(64, 64, 3, 1, 1, groups=64)]
-      for cin, cout, hidden, n in ((64, 64, 128, blocks[1]), (64, 128, 256, blocks[2]),
-                                   (128, 128, 512, blocks[3])):
+      layers = [ConvBlock(3, c(64), 3, 2, 1), ConvBlock(c(64), c(64), 3, 1, 1, groups=c(64))]
+      for cin, cout, hidden, n in ((c(64), c(64), c(128), blocks[1]), (c(64), c(128), c(256), blocks[2]),
+                                   (c(128), c(128), c(512), blocks[3])):
         layers.append(DepthWise(cin, cout, hidden, 2))
         layers += [DepthWise(cout, cout, hidden, 1, True) for _ in range(n)]
-      layers.append(ConvBlock(128, 512))
+      layers.append(ConvBlock(c(128), 512))
       self.layers = nn.Sequential(*layers)
-      self.gdc = ConvBlock(512, 512, 7, 1, 0, groups=512, act=False)
+      self.gdc = ConvBlock(512, 512, size // 16, 1, 0, groups=512, act=False)
       self.fc = nn.Linear(512, d, bias=False)
       self.bn = nn.BatchNorm1d(d)
 
@@ -117,13 +127,13 @@ def torch_model(members: int):
     def __init__(self):
       super().__init__()
       self.members = nn.ModuleList([MobileFaceNet() for _ in range(members)])
-      self.w = nn.Parameter(0.01 * torch.randn(members, 512, CLASSES))
+      self.w = nn.Parameter(0.01 * torch.randn(members, d, classes))
 
     def forward(self, x, y):
       loss = 0.0
-      onehot = nn.functional.one_hot(y, CLASSES).float()
+      onehot = nn.functional.one_hot(y, classes).float()
       for k, m in enumerate(self.members):
-        f = nn.functional.normalize(m(x), dim=1)
+        f = nn.functional.normalize(m(x).float(), dim=1)
         cos = f @ nn.functional.normalize(self.w[k], dim=0)
         logits = 64.0 * (cos - 0.35 * onehot)
         loss = loss + nn.functional.cross_entropy(logits, y)
@@ -132,34 +142,52 @@ def torch_model(members: int):
   return Ensemble()
 
 
-def bench_torch(members: int, steps: int, channels_last: bool):
+def bench_torch(members: int, steps: int, channels_last: bool, *, device: str = "cpu",
+                bf16: bool = False, compile: bool = False, batch: int = BATCH, size: int = SIZE,
+                classes: int = CLASSES, width: float = 1.0, blocks=(1, 4, 6, 2),
+                embedding_dim: int = 512):
+  """Median images/s of the same network and loss in PyTorch (eager, or ``torch.compile``).
+
+  One optimizer over all K members and heads, no gradient clipping (faceens' paper recipe);
+  ``bf16``: autocast to bfloat16 (parameters and the loss stay float32).
+  """
   import torch
   torch.manual_seed(0)
-  model = torch_model(members)
+  model = torch_model(members, classes=classes, width=width, blocks=blocks, d=embedding_dim,
+                      size=size).to(device)
   opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
-  x = torch.randn(BATCH, 3, SIZE, SIZE)
-  y = torch.randint(0, CLASSES, (BATCH,))
+  x = torch.randn(batch, 3, size, size, device=device)
+  y = torch.randint(0, classes, (batch,), device=device)
   if channels_last:
     model = model.to(memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last)
   model.train()
+  forward = torch.compile(model) if compile else model
+  sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
   def one():
     opt.zero_grad(set_to_none=True)
-    loss = model(x, y)
+    with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
+      loss = forward(x, y)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
     opt.step()
-    return float(loss)
+    return loss
 
+  t0 = time.perf_counter()
   one()
+  sync()
+  first_s = time.perf_counter() - t0
+  one()  # warm-up
+  sync()
   times = []
   for _ in range(steps):
     t = time.perf_counter()
-    one()
+    loss = one()
+    sync()
     times.append(time.perf_counter() - t)
-  return {"img_per_s": BATCH / float(np.median(times)), "step_s": float(np.median(times)),
-          "threads": torch.get_num_threads(), "channels_last": channels_last,
+  return {"img_per_s": batch / float(np.median(times)), "step_s": float(np.median(times)),
+          "first_step_s": first_s, "threads": torch.get_num_threads(), "loss": float(loss.detach()),
+          "channels_last": channels_last, "bf16": bf16, "compile": compile, "device": device,
           "torch": torch.__version__}
 
 
