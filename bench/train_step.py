@@ -32,8 +32,12 @@ BATCH, SIZE, CLASSES = 64, 112, 1000
 
 def bench_jax(members: int, steps: int, depthwise_impl: str = "auto", strategy: str = "auto", *,
               dtype: str = "float32", batch: int = BATCH, size: int = SIZE, classes: int = CLASSES,
-              width: float = 1.0, blocks=(1, 4, 6, 2), embedding_dim: int = 512):
-  """Median images/s of faceens' jitted train step (the ``baseline`` method for K > 1)."""
+              width: float = 1.0, blocks=(1, 4, 6, 2), embedding_dim: int = 512,
+              profile_dir: str | None = None):
+  """Median images/s of faceens' jitted train step (the ``baseline`` method for K > 1).
+
+  ``profile_dir``: afterwards, trace 3 more steps there with ``jax.profiler`` (perfetto trace).
+  """
   import jax
   from faceens import configs, train
 
@@ -68,6 +72,11 @@ def bench_jax(members: int, steps: int, depthwise_impl: str = "auto", strategy: 
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
   assert np.isfinite(float(m["loss"]))
+  if profile_dir:
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+      for _ in range(3):
+        state, m = step(state, xb, yb)
+      jax.block_until_ready(m)
   return {"img_per_s": batch / float(np.median(times)), "step_s": float(np.median(times)),
           "compile_s": compile_s, "backend": jax.default_backend(), "loss": float(m["loss"]),
           "depthwise_impl": depthwise_impl, "strategy": strategy, "dtype": dtype}

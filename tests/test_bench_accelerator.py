@@ -1,0 +1,40 @@
+"""The accelerator script (bench/accelerator.py) end to end at toy sizes on CPU (``--smoke``), so
+that it still runs when a GPU is at hand."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_accelerator_smoke_runs_every_step(tmp_path):
+  out = tmp_path / "accelerator.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "bench/accelerator.py", "--smoke", f"--out={out}"], cwd=REPO,
+                     env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  doc = json.loads(out.read_text())
+  assert doc["header"]["smoke"] and doc["header"]["backend"] == "cpu"
+  c = doc["correctness"]
+  assert c["ok"], c
+  # Every check ran and compared something (float32 on one CPU: equal to rounding).
+  assert c["ensemble_steps"]["features"]["value"] < 1e-5
+  assert c["ensemble_steps"]["bf16_loss"]["value"] < 5e-2
+  assert {k for k in c["depthwise"]} == {f"stride{s}_{p}" for s in (1, 2)
+                                         for p in ("forward", "grad_x", "grad_kernel")}
+  assert not doc["skipped"] or all(s["what"] == "PyTorch reference" for s in doc["skipped"])
+  rows = {(r["members"], r["dtype"], r["strategy"]) for r in doc["train_step"]}
+  assert rows == {(2, "bfloat16", "vmap"), (1, "float32", "unrolled")}
+  assert all(r["jax"]["img_per_s"] > 0 for r in doc["train_step"])
+  assert doc["profiles"]["train_K2_bfloat16_vmap"], "the profile of the ensemble step is empty"
+  attacks = {(r["method"], r["goal"], r["batch"]) for r in doc["attack"]}
+  assert attacks == {(m, g, b) for m in ("single", "srv_fdp") for g in ("0.2", "threshold")
+                     for b in (8, 16)}
+  for row in doc["attack"]:
+    assert 0.0 <= row["jax"]["success_rate"] <= 1.0 and row["pairs"] == 16
+  if doc["header"]["torch"]:  # the PyTorch reference ran: same features, rows compared
+    assert all("speedup_vs_torch_eager" in r for r in doc["train_step"])
+    assert all(r["torch_port_max_abs_err"] < 1e-3 for r in doc["attack"])
+    assert all("speedup_vs_torch_batched" in r for r in doc["attack"])
