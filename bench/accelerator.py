@@ -175,7 +175,7 @@ def check_ensemble_steps(sz: Sizes) -> dict:
   """SRV + FDP ensemble: ``jax.vmap`` over stacked members == members one after another
   (features and one train step, fp32), and the bf16 step's loss within 5% of the fp32 one."""
   import jax
-  from faceens import train
+  from faceens import models, train
   from faceens.models import ensemble
   rng = np.random.default_rng(0)
   x = rng.integers(0, 256, (sz.check_batch, sz.size, sz.size, 3), dtype=np.uint8)
@@ -184,13 +184,13 @@ def check_ensemble_steps(sz: Sizes) -> dict:
   for strategy, dtype in (("vmap", "float32"), ("unrolled", "float32"), ("vmap", "bfloat16")):
     c = _config("srv_fdp", sz, ensemble__strategy=strategy, model__dtype=dtype)
     opt = train.make_optimizer(c, 100)
-    model = train.build_model(c)
+    model = models.get_model(c)
     state = train.create_train_state(c, sz.classes, opt)
     feats = None
     if dtype == "float32":
       variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
       feats = jax.jit(lambda v, z, m=model, s=strategy: ensemble.apply_members(m, v, z, strategy=s))(
-          variables, train.normalize_images(x))
+          variables, models.normalize_images(x))
     # Default precision for the bf16 step (what training uses); the fp32 ones run under the
     # caller's "highest".
     with jax.default_matmul_precision("default") if dtype == "bfloat16" else contextlib.nullcontext():

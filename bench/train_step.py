@@ -39,7 +39,7 @@ def bench_jax(members: int, steps: int, depthwise_impl: str = "auto", strategy: 
   ``profile_dir``: afterwards, trace 3 more steps there with ``jax.profiler`` (perfetto trace).
   """
   import jax
-  from faceens import configs, train
+  from faceens import configs, models, sharding, train
 
   c = configs.method_config("single" if members == 1 else "baseline", "cosface", "full")
   c.ensemble.num_members = members
@@ -51,14 +51,14 @@ def bench_jax(members: int, steps: int, depthwise_impl: str = "auto", strategy: 
   c.ensemble.strategy = strategy
   c.train.batch_size = batch
   opt = train.make_optimizer(c, 1000)
-  model = train.build_model(c)
-  mesh = train.make_mesh()
-  state = train.replicate(train.create_train_state(c, classes, opt), mesh)
-  step = train.shard_train_step(train.make_train_step(c, model, opt), mesh, state)
+  model = models.get_model(c)
+  mesh = sharding.make_mesh()
+  state = sharding.replicate(train.create_train_state(c, classes, opt), mesh)
+  step = sharding.shard_train_step(train.make_train_step(c, model, opt), mesh, state)
   rng = np.random.default_rng(0)
   x = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
   y = rng.integers(0, classes, batch).astype(np.int32)
-  xb, yb = train.put_batch(mesh, x, y)
+  xb, yb = sharding.put_batch(mesh, x, y)
   t0 = time.perf_counter()
   state, m = step(state, xb, yb)
   jax.block_until_ready(m)

@@ -24,21 +24,25 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from PIL import Image
+from tqdm import tqdm
 
-from faceens import configs
+from faceens import configs, models
+from faceens.data.image_folder import fit_image
 from faceens.models import ensemble
+from faceens.verification import flip_embedding
 
 
 class FaceModel:
   """A trained ensemble (or single model) as an embedding function."""
 
   def __init__(self, config, variables: dict, workdir: str | None = None, step: int | None = None):
-    from faceens import train
     self.config = config
     self.variables = variables
     self.workdir = workdir
     self.step = step
-    self.model = train.build_model(config)
+    self.model = models.get_model(config)
     self.input_size = int(config.data.image_size)
     self.num_members = ensemble.num_members(variables)
     self.embedding_dim = int(config.model.embedding_dim)
@@ -62,7 +66,7 @@ class FaceModel:
 
   def apply(self, variables, x):
     """Pure: ``(stacked variables, x [B, S, S, 3] in [0, 1]) -> normalised features [K, B, d]``."""
-    f = ensemble.apply_members(self.model, variables, (x - 0.5) / 0.5,
+    f = ensemble.apply_members(self.model, variables, models.normalize_pixels(x),
                                strategy=self.config.ensemble.strategy)
     return ensemble.l2_normalize(f)
 
@@ -80,9 +84,6 @@ class FaceModel:
 
   def prepare(self, images) -> np.ndarray:
     """Images -> float32 ``[B, S, S, 3]`` in [0, 1] at the model's input size."""
-    from PIL import Image
-
-    from faceens.data.image_folder import fit_image
     x = np.asarray(images)
     s = self.input_size
     if x.ndim == 3:
@@ -120,7 +121,6 @@ class FaceModel:
       x = np.ascontiguousarray(x[:, :, ::-1])
     fn = functools.partial(self._compiled_apply(), self.member_variables(member))
     outs = []
-    from tqdm import tqdm
     with tqdm(total=len(x), disable=not progress, unit="img", desc=desc, leave=False) as bar:
       for i in range(0, len(x), batch_size):
         chunk = x[i:i + batch_size]
@@ -142,7 +142,6 @@ class FaceModel:
     if flip:
       emb_f = self.member_features(images, member=member, flip=True, batch_size=batch_size,
                                    progress=progress).mean(axis=0)
-      from faceens.verification import flip_embedding
       emb = flip_embedding(emb, emb_f).astype(np.float32)
     return emb
 
@@ -169,7 +168,6 @@ def _thresholds(workdir):
 
 
 def _restore(checkpoint_dir: str, step: int | None):
-  import orbax.checkpoint as ocp
   mngr = ocp.CheckpointManager(checkpoint_dir)
   try:
     steps = mngr.all_steps()

@@ -19,13 +19,18 @@ the paper's protocol) or a fixed feature distance such as ``--goal=0.2``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 
+import jax
 import numpy as np
+from tqdm import tqdm
 
+from faceens import api, evaluate, sharding
 from faceens.attacks import lots
+from faceens.data import image_folder
 from faceens.data.image_folder import DataError
 
 
@@ -63,8 +68,6 @@ def make_pairs(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 
 def attack_images(model, images_dir: str | None):
   """uint8 images and labels to draw pairs from: ``images_dir`` or the run's held-out people."""
-  from faceens import evaluate
-  from faceens.data import image_folder
   c = model.config
   if images_dir:
     faces = image_folder.load_image_folder(images_dir, model.input_size, c.data.fit)
@@ -91,19 +94,10 @@ def _goal_value(model, goal: str) -> float:
   return value
 
 
-def _mesh():
-  import jax
-
-  from faceens.train import make_mesh
-  return make_mesh() if jax.device_count() > 1 else None
-
-
 def run_batches(model, x_src, x_tgt, goal, cfg: lots.AttackConfig, *, batch_size: int = 64,
                 x_init=None, seed: int = 0, progress: bool = True, desc: str = "attack") -> dict:
   """Attacks every (x_src[i] -> x_tgt[i]) in jitted batches; numpy results and timings."""
-  import jax
-  from tqdm import tqdm
-  mesh = _mesh()
+  mesh = sharding.attack_mesh()
   n_dev = mesh.size if mesh is not None else 1
   batch_size = -(-batch_size // n_dev) * n_dev
   variables = model.variables
@@ -165,7 +159,6 @@ def summarize(res: dict, cfg: lots.AttackConfig, name: str) -> dict:
 
 
 def _configs(methods, base: lots.AttackConfig):
-  import dataclasses
   for name, method, objective in methods:
     yield name, dataclasses.replace(base, method=method, objective=objective).validate()
 
@@ -275,10 +268,8 @@ def main(argv):
   del argv
   FLAGS = flags.FLAGS
   absl_logging.set_verbosity(absl_logging.WARNING)
-  import jax
   if FLAGS.distributed:
     jax.distributed.initialize()
-  from faceens import api
   base = lots.AttackConfig(max_iters=FLAGS.max_iters, epsilon=FLAGS.epsilon,
                            step_size=FLAGS.step_size, cw_lr=FLAGS.cw_lr, cw_c=FLAGS.cw_c,
                            cw_patience=FLAGS.cw_patience, restarts=FLAGS.restarts)

@@ -9,7 +9,8 @@ For every evaluation set it reports, for the ensemble and for each member:
 
 Sets: ``--bins=a.bin,b.bin`` (InsightFace verification files), ``--pairs=pairs.txt`` (lines
 ``path1 path2 label``, label 1 = same person, paths relative to the file's folder; VGG2-style pair
-lists), or by default the run's own: the bundled held-out identities for the demo, a held-out
+lists), ``--lfw=DIR`` (LFW in its own layout with the official ``pairs.txt``, evaluated with
+the official person-disjoint folds; ``--lfw_folds=6,7,8,9,10`` keeps some), or by default the run's own: the bundled held-out identities for the demo, a held-out
 image folder, or ``lfw``, ``cfp_fp`` and ``agedb_30`` next to the MS1MV2 training data.
 Results go to ``DIR/eval.json``.
 """
@@ -22,9 +23,11 @@ import os
 
 import numpy as np
 
-from faceens import verification
+from faceens import api, verification
 from faceens.data import demo as demo_data
 from faceens.data import image_folder
+from faceens.data import lfw as lfw_data
+from faceens.data import pairs as pairs_data
 from faceens.data import verification_bin
 from faceens.data.image_folder import DataError
 
@@ -38,6 +41,7 @@ class EvalSet:
   pairs: np.ndarray    # [P, 2] indices into images
   issame: np.ndarray   # [P] bool
   source: str
+  folds: np.ndarray | None = None  # [P] fold ids (LFW's official folds); None: 10 contiguous
 
 
 # ----------------------------------------------------------------------------- loading sets
@@ -81,38 +85,19 @@ def bin_set(path: str, size: int, fit: str = "pad") -> EvalSet:
 
 
 def pairs_file_set(path: str, size: int, fit: str = "pad") -> EvalSet:
-  """``path1 path2 label`` lines (paths relative to the file's folder; ``#`` comments)."""
-  if not os.path.isfile(path):
-    raise DataError(f"pairs file {path} does not exist")
-  base = os.path.dirname(os.path.abspath(path))
-  index, paths, pairs, issame = {}, [], [], []
-  with open(path) as f:
-    for lineno, line in enumerate(f, 1):
-      line = line.strip()
-      if not line or line.startswith("#"):
-        continue
-      parts = line.split()
-      if len(parts) != 3:
-        raise DataError(f"{path}:{lineno}: expected 'path1 path2 label', got {line!r}")
-      if parts[2] not in ("0", "1"):
-        raise DataError(f"{path}:{lineno}: label must be 1 (same person) or 0 (different), "
-                        f"got {parts[2]!r}")
-      ids = []
-      for p in parts[:2]:
-        full = p if os.path.isabs(p) else os.path.join(base, p)
-        if full not in index:
-          if not os.path.isfile(full):
-            raise DataError(f"{path}:{lineno}: image {full} does not exist")
-          index[full] = len(paths)
-          paths.append(full)
-        ids.append(index[full])
-      pairs.append(ids)
-      issame.append(parts[2] == "1")
-  if not pairs:
-    raise DataError(f"pairs file {path} has no pairs (expected lines 'path1 path2 label')")
-  images = np.stack([image_folder.load_image(p, size, fit) for p in paths])
+  """``path1 path2 label`` lines (``faceens.data.pairs.read_pairs_file``) as an evaluation set."""
+  images, pairs, issame = pairs_data.read_pairs_file(path, size, fit)
   name = os.path.splitext(os.path.basename(path))[0]
-  return EvalSet(name, images, np.asarray(pairs, np.int64), np.asarray(issame), path)
+  return EvalSet(name, images, pairs, issame, path)
+
+
+def lfw_set(root: str, size: int, fit: str = "pad", folds=None, name: str = "lfw") -> EvalSet:
+  """LFW's official pairs from its own layout (``faceens.data.lfw``), with the official folds."""
+  images, pairs, issame, fold = lfw_data.load_pairs(root, size, fit, folds=folds)
+  if len(np.unique(fold)) < 2:
+    raise DataError(f"the protocol needs at least 2 of LFW's folds (a threshold is chosen on the "
+                    f"others), got {len(np.unique(fold))} from {root}")
+  return EvalSet(name, images, pairs, issame, root, folds=fold)
 
 
 def standard_bin_sets(c) -> list[EvalSet]:
@@ -145,21 +130,23 @@ def _summary(metrics: dict) -> dict:
 
 
 def evaluate_features(feats: np.ndarray, feats_flip: np.ndarray, pairs: np.ndarray,
-                      issame: np.ndarray) -> dict:
-  """Metrics from normalised member features ``[K, N, d]`` of the images and their flips."""
+                      issame: np.ndarray, folds=None) -> dict:
+  """Metrics from normalised member features ``[K, N, d]`` of the images and their flips
+  (``folds``: a fold id per pair, else 10 contiguous folds)."""
   V = verification
+  ev = lambda d: V.evaluate(d, issame, folds=folds)  # noqa: E731
   feats, feats_flip = np.asarray(feats, np.float64), np.asarray(feats_flip, np.float64)
   a, b = pairs[:, 0], pairs[:, 1]
   ens = feats.mean(axis=0)
   emb = V.flip_embedding(ens, feats_flip.mean(axis=0))
-  out = V.evaluate(V.distances(emb[a], emb[b], "squared_l2"), issame)
-  out["paper"] = _summary(V.evaluate(V.distances(ens[a], ens[b], "euclidean"), issame))
+  out = ev(V.distances(emb[a], emb[b], "squared_l2"))
+  out["paper"] = _summary(ev(V.distances(ens[a], ens[b], "euclidean")))
   out["members"] = []
   for k in range(feats.shape[0]):
     emb_k = V.flip_embedding(feats[k], feats_flip[k])
-    m = V.evaluate(V.distances(emb_k[a], emb_k[b], "squared_l2"), issame)
+    m = ev(V.distances(emb_k[a], emb_k[b], "squared_l2"))
     m = _summary(m) | {"tar_at_far": m["tar_at_far"]}
-    m["paper"] = _summary(V.evaluate(V.distances(feats[k][a], feats[k][b], "euclidean"), issame))
+    m["paper"] = _summary(ev(V.distances(feats[k][a], feats[k][b], "euclidean")))
     out["members"].append(m)
   return out
 
@@ -172,7 +159,9 @@ def evaluate_model(model, sets, *, batch_size: int = 64, progress: bool = False)
                                   desc=s.name)
     flips = model.member_features(s.images, flip=True, batch_size=batch_size, progress=progress,
                                   desc=f"{s.name} (flipped)")
-    results[s.name] = evaluate_features(feats, flips, s.pairs, s.issame) | {"source": s.source}
+    results[s.name] = (evaluate_features(feats, flips, s.pairs, s.issame, s.folds)
+                       | {"source": s.source,
+                          "folds": "official" if s.folds is not None else "10 contiguous"})
   return results
 
 
@@ -201,14 +190,16 @@ def format_table(results: dict) -> str:
   return "\n".join(lines)
 
 
-def run(workdir: str, bins=(), pairs=(), *, batch_size: int = 64, step: int | None = None,
-        progress: bool = True, write: bool = True) -> dict:
+def run(workdir: str, bins=(), pairs=(), *, lfw: str | None = None, lfw_folds=None,
+        batch_size: int = 64, step: int | None = None, progress: bool = True,
+        write: bool = True) -> dict:
   """Evaluates a run directory; returns (and writes to ``workdir/eval.json``) the results."""
-  from faceens import api
   model = api.load(workdir, step=step)
   c = model.config
   size, fit = model.input_size, c.data.fit
   sets = [bin_set(p, size, fit) for p in bins] + [pairs_file_set(p, size, fit) for p in pairs]
+  if lfw:
+    sets.append(lfw_set(lfw, size, fit, folds=lfw_folds))
   if not sets:
     sets = default_sets(c)
   names = [s.name for s in sets]
@@ -237,8 +228,11 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   split = lambda s: [p for p in (s or "").split(",") if p]
   try:
-    out = run(FLAGS.workdir, split(FLAGS.bins), split(FLAGS.pairs), batch_size=FLAGS.batch_size,
-              step=FLAGS.step)
+    folds = [int(f) - 1 for f in split(FLAGS.lfw_folds)] or None
+    if folds and any(not 0 <= f < 10 for f in folds):
+      raise ValueError(f"--lfw_folds={FLAGS.lfw_folds}: LFW's folds are numbered 1 to 10")
+    out = run(FLAGS.workdir, split(FLAGS.bins), split(FLAGS.pairs), lfw=FLAGS.lfw or None,
+              lfw_folds=folds, batch_size=FLAGS.batch_size, step=FLAGS.step)
   except (ValueError, FileNotFoundError, DataError) as e:
     raise SystemExit(f"error: {e}") from None
   print(f"{out['loss']}_{out['method']} (K={out['num_members']}, step {out['step']})")
@@ -251,6 +245,10 @@ def _define_flags():
   flags.DEFINE_string("workdir", None, "run directory written by faceens.train")
   flags.DEFINE_string("bins", "", "comma-separated InsightFace verification .bin files")
   flags.DEFINE_string("pairs", "", "comma-separated pair lists ('path1 path2 label' lines)")
+  flags.DEFINE_string("lfw", "", "an LFW folder in LFW's own layout (images/<Name>/<Name>_NNNN.jpg "
+                      "and the official pairs.txt): its 6,000 pairs with the official folds")
+  flags.DEFINE_string("lfw_folds", "", "comma-separated official folds 1-10 to keep (e.g. "
+                      "6,7,8,9,10: people never seen by a model trained on folds 1-5)")
   flags.DEFINE_integer("batch_size", 64, "images per jitted batch")
   flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
   flags.mark_flags_as_required(["workdir"])

@@ -4,7 +4,7 @@
   python -m faceens.train --config=experiments/arcface_srv_fdp.py --config.data.root=faces_emore ...
 
 One pure, jitted ``train_step(state, batch) -> (state, metrics)``; data parallel over every device
-of a ``jax.sharding.Mesh`` (batch sharded on the ``data`` axis, parameters replicated; XLA inserts
+(``faceens.sharding``: batch sharded on the ``data`` axis, parameters replicated; XLA inserts
 the gradient all-reduce and computes BatchNorm statistics over the global batch). Multi-host:
 call with ``--distributed`` on every host (``jax.distributed.initialize``); each host feeds its
 slice of the global batch.
@@ -25,20 +25,21 @@ from typing import Any
 
 import flax
 import flax.linen as nn
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import orbax.checkpoint as ocp
+from tqdm import tqdm
 
-from faceens import configs, heads, losses
+from faceens import api, configs, evaluate, heads, losses, models, sharding
+from faceens.attacks import lots
 from faceens.data import demo as demo_data
 from faceens.data import image_folder
 from faceens.data import pipeline
 from faceens.models import ensemble
 from faceens.models.ensemble import l2_normalize
-from faceens.models.mobilefacenet import MobileFaceNet
 
 
 @flax.struct.dataclass
@@ -51,13 +52,6 @@ class TrainState:
 
 
 # ----------------------------------------------------------------------------- model & optimizer
-
-
-def build_model(c: ml_collections.ConfigDict) -> MobileFaceNet:
-  return MobileFaceNet(
-      embedding_dim=c.model.embedding_dim, width=c.model.width, blocks=tuple(c.model.blocks),
-      head=c.model.head, dropout=c.model.dropout, depthwise_impl=c.model.depthwise_impl,
-      dtype=jnp.bfloat16 if c.model.dtype == "bfloat16" else jnp.float32)
 
 
 def total_steps(c, steps_per_epoch: int) -> int:
@@ -120,7 +114,7 @@ def make_optimizer(c, num_steps: int) -> optax.GradientTransformation:
 
 def create_train_state(c, num_classes: int, optimizer) -> TrainState:
   spec = losses.method_spec(c.method)
-  model = build_model(c)
+  model = models.get_model(c)
   key = jax.random.PRNGKey(c.seed)
   k_model, k_head, k_rng = jax.random.split(key, 3)
   sample = jnp.zeros((1, c.data.image_size, c.data.image_size, 3), jnp.float32)
@@ -135,11 +129,6 @@ def create_train_state(c, num_classes: int, optimizer) -> TrainState:
                     rng=k_rng)
 
 
-def normalize_images(images):
-  """uint8 ``[B, H, W, 3]`` -> float ``(x / 255 - 0.5) / 0.5`` (InsightFace)."""
-  return (images.astype(jnp.float32) / 255.0 - 0.5) / 0.5
-
-
 # ----------------------------------------------------------------------------- MTER (AdvT)
 
 
@@ -150,9 +139,8 @@ def craft_mter(apply_eval, pixels, target_features, c):
 
   ``apply_eval(x_normalised) -> [K, B, d]``.
   """
-  from faceens.attacks import lots
   tgt = jax.lax.stop_gradient(l2_normalize(target_features))
-  features = lambda p: l2_normalize(apply_eval((p - 0.5) / 0.5)[:1])  # noqa: E731
+  features = lambda p: l2_normalize(apply_eval(models.normalize_pixels(p))[:1])  # noqa: E731
   cfg = lots.AttackConfig(method="bim", step_size=c.advt.step_size, epsilon=c.advt.epsilon,
                           max_iters=c.advt.iters)
   # Goal 0: no example is ever done, every example takes exactly advt.iters steps.
@@ -172,7 +160,7 @@ def make_train_step(c, model: nn.Module, optimizer):
   strategy = c.ensemble.strategy
 
   def loss_fn(params, batch_stats, images, labels, rng):
-    x = normalize_images(images)
+    x = models.normalize_images(images)
     variables = {"params": params["backbone"], "batch_stats": batch_stats}
     feats, new_stats = ensemble.apply_members(model, variables, x, train=True, rng=rng,
                                               strategy=strategy)
@@ -184,7 +172,7 @@ def make_train_step(c, model: nn.Module, optimizer):
       f_tar = jnp.roll(feats[0], 1, axis=0)
       pixels = images.astype(jnp.float32) / 255.0
       adv = craft_mter(apply_eval, pixels, f_tar, c)
-      f_adv, _ = ensemble.apply_members(model, variables, (adv - 0.5) / 0.5, train=True,
+      f_adv, _ = ensemble.apply_members(model, variables, models.normalize_pixels(adv), train=True,
                                         rng=jax.random.fold_in(rng, 7919), strategy=strategy)
       valid = (tgt_labels != labels).astype(jnp.float32)
       mter = losses.mter_loss(f_adv[0], feats[0], f_tar, c.advt.margin, valid)
@@ -214,33 +202,6 @@ def make_train_step(c, model: nn.Module, optimizer):
 def tree_all_finite(tree) -> jax.Array:
   """True when every element of every leaf is finite."""
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
-def make_mesh(devices=None) -> Mesh:
-  devices = np.asarray(devices if devices is not None else jax.devices())
-  return Mesh(devices.reshape(-1), ("data",))
-
-
-def shard_train_step(train_step, mesh: Mesh, state: TrainState):
-  """jit with the batch sharded over ``data`` and the state replicated on every device."""
-  replicated = NamedSharding(mesh, P())
-  batch = NamedSharding(mesh, P("data"))
-  state_sharding = jax.tree.map(lambda _: replicated, state)
-  return jax.jit(train_step, in_shardings=(state_sharding, batch, batch),
-                 out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-
-
-def replicate(state: TrainState, mesh: Mesh) -> TrainState:
-  """Places the state on every device, with the sharding the jitted step returns (so the step
-  compiles once: an uncommitted input state would make the second call compile again)."""
-  return jax.device_put(state, NamedSharding(mesh, P()))
-
-
-def put_batch(mesh: Mesh, images: np.ndarray, labels: np.ndarray):
-  """This host's batch slice -> global arrays sharded over ``data``."""
-  sharding = NamedSharding(mesh, P("data"))
-  return (jax.make_array_from_process_local_data(sharding, images),
-          jax.make_array_from_process_local_data(sharding, labels))
 
 
 # ----------------------------------------------------------------------------- data
@@ -328,7 +289,6 @@ def make_pipeline(c, source):
 
 def evaluation_sets(c, held: image_folder.FaceSet | None):
   """Sets evaluated during and after training: the held-out identities (balanced pairs)."""
-  from faceens import evaluate
   if held is not None:
     return [evaluate.faceset_pairs("heldout", held, c.train.heldout_pairs_seed,
                                    c.data.heldout_root or c.data.root or "bundled ORL s31-s40")]
@@ -339,7 +299,6 @@ def evaluation_sets(c, held: image_folder.FaceSet | None):
 
 def run_evaluation(c, face_model, state: TrainState, sets) -> dict:
   """``faceens.evaluate`` metrics of the current state on ``sets``."""
-  from faceens import evaluate
   face_model.variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
   return evaluate.evaluate_model(face_model, sets)
 
@@ -378,7 +337,6 @@ def _non_finite_error(m: dict, done: int, c, last_good: int | None) -> NonFinite
 
 
 def _checkpoint_manager(workdir: str, c):
-  import orbax.checkpoint as ocp
   options = ocp.CheckpointManagerOptions(save_interval_steps=c.train.checkpoint_every,
                                          max_to_keep=c.train.keep_checkpoints, create=True)
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
@@ -387,13 +345,11 @@ def _checkpoint_manager(workdir: str, c):
 
 def restore_or_init(mngr, state: TrainState, data_iter=None) -> TrainState:
   """The latest checkpointed state (and, given ``data_iter``, its input-pipeline position)."""
-  import orbax.checkpoint as ocp
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   # Newest first; a non-finite checkpoint (written by an older faceens) is skipped with a warning.
   for step in sorted(mngr.all_steps(), reverse=True):
     items = {"state": ocp.args.StandardRestore(abstract)}
     if data_iter is not None:
-      import grain
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = mngr.restore(step, args=ocp.args.Composite(**items))["state"]
     if not bool(tree_all_finite((restored.params, restored.batch_stats))):
@@ -433,7 +389,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
   if c.train.batch_size > len(train_set):
     raise ValueError(f"config field train.batch_size = {c.train.batch_size} exceeds the "
                      f"{len(train_set)} training images")
-  mesh = make_mesh()
+  mesh = sharding.make_mesh()
   if c.train.batch_size % mesh.size:
     raise ValueError(f"config field train.batch_size = {c.train.batch_size} must be divisible "
                      f"by the number of devices ({mesh.size})")
@@ -441,20 +397,19 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
   data_iter = iter(data)
   num_steps = total_steps(c, pipeline.steps_per_epoch(train_set, c.train.batch_size))
   optimizer = make_optimizer(c, num_steps)
-  model = build_model(c)
+  model = models.get_model(c)
   state = create_train_state(c, train_set.num_classes, optimizer)
   mngr = _checkpoint_manager(workdir, c)
   state = restore_or_init(mngr, state, data_iter)
   start = int(state.step)
-  state = replicate(state, mesh)
-  step_fn = shard_train_step(make_train_step(c, model, optimizer), mesh, state)
+  state = sharding.replicate(state, mesh)
+  step_fn = sharding.shard_train_step(make_train_step(c, model, optimizer), mesh, state)
 
   eval_sets = evaluation_sets(c, held)
   if c.train.eval_every and not eval_sets:
     raise ValueError(f"config field train.eval_every = {c.train.eval_every} needs evaluation "
                      "pairs: data.kind=orl, image_folder with data.heldout_root, or ms1mv2 with "
                      "lfw.bin / cfp_fp.bin / agedb_30.bin in data.root")
-  from faceens import api
   face_model = api.FaceModel(c, {"params": state.params["backbone"],
                                  "batch_stats": state.batch_stats}) if eval_sets else None
 
@@ -471,7 +426,6 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
           train_set.num_classes, num_steps, start, mesh.size), flush=True)
 
   schedule = learning_rate_schedule(c, num_steps)
-  from tqdm import tqdm
   bar = tqdm(total=num_steps, initial=start, disable=not (progress and is_main), unit="step",
              dynamic_ncols=True, desc=f"{c.loss.name}_{c.method}")
   t_loop = time.perf_counter()
@@ -481,7 +435,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
   metrics = None
   for step in range(start, num_steps):
     images, labels = next(data_iter)
-    images, labels = put_batch(mesh, images, labels)
+    images, labels = sharding.put_batch(mesh, images, labels)
     prev_metrics = metrics
     state, metrics = step_fn(state, images, labels)
     if prev_metrics is not None:
@@ -568,7 +522,6 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
     summary["eval"] = {n: {"accuracy": r["accuracy"], "paper_accuracy": r["paper"]["accuracy"]}
                        for n, r in results.items()}
     if is_main:
-      from faceens import evaluate
       evaluate.write_eval_json(workdir, c, int(state.step), face_model.num_members, results)
   if is_main:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -583,10 +536,8 @@ def _close_quietly(mngr, bar) -> None:
 
 
 def _save_args(state, data_iter=None):
-  import orbax.checkpoint as ocp
   items = {"state": ocp.args.StandardSave(state)}
   if data_iter is not None:
-    import grain
     items["data"] = grain.checkpoint.CheckpointSave(data_iter)
   return ocp.args.Composite(**items)
 

@@ -67,18 +67,28 @@ def accuracy_at(threshold: float, dist: np.ndarray, issame: np.ndarray) -> float
   return float(np.mean(predict == issame))
 
 
-def kfold_accuracy(dist, issame, thresholds=None, nfolds: int = 10):
+def kfold_accuracy(dist, issame, thresholds=None, nfolds: int = 10, folds=None):
   """Returns ``(accuracy_mean, accuracy_std, best_threshold_mean)`` over ``nfolds`` folds.
 
-  Ties between thresholds go to the smallest one (``np.argmax``, as InsightFace).
+  ``folds``: a fold id per pair (e.g. LFW's official, person-disjoint folds); default
+  ``nfolds`` contiguous folds. Ties between thresholds go to the smallest one (``np.argmax``, as
+  InsightFace).
   """
   dist, issame = _check(dist, issame)
-  if len(dist) < nfolds:
-    raise ValueError(f"{len(dist)} pairs is fewer than {nfolds} folds")
+  if folds is None:
+    if len(dist) < nfolds:
+      raise ValueError(f"{len(dist)} pairs is fewer than {nfolds} folds")
+    folds = np.array_split(np.arange(len(dist)), nfolds)  # sklearn KFold(shuffle=False) sizes
+  else:
+    ids = np.asarray(folds)
+    if ids.shape != dist.shape:
+      raise ValueError(f"folds {ids.shape} must give one fold id per pair {dist.shape}")
+    folds = [np.flatnonzero(ids == f) for f in np.unique(ids)]
+    if len(folds) < 2:
+      raise ValueError("explicit folds need at least 2 distinct fold ids")
   thresholds = THRESHOLDS if thresholds is None else np.asarray(thresholds, np.float64)
   correct = (dist[None, :] < thresholds[:, None]) == issame[None, :]   # [T, P]
   total = correct.sum(axis=1)
-  folds = np.array_split(np.arange(len(dist)), nfolds)  # sklearn KFold(shuffle=False) sizes
   accs, best = [], []
   for test_idx in folds:
     n_train = len(dist) - len(test_idx)
@@ -129,10 +139,10 @@ def tar_at_far(dist, issame, fars=FARS) -> tuple[dict, dict]:
   return values, unavailable
 
 
-def evaluate(dist, issame, nfolds: int = 10) -> dict:
+def evaluate(dist, issame, nfolds: int = 10, folds=None) -> dict:
   """All metrics of one set of pair distances (see the module docstring)."""
   dist, issame = _check(dist, issame)
-  acc, std, thr = kfold_accuracy(dist, issame, nfolds=nfolds)
+  acc, std, thr = kfold_accuracy(dist, issame, nfolds=nfolds, folds=folds)
   tar, why = tar_at_far(dist, issame)
   out = {"accuracy": acc, "accuracy_std": std, "threshold": thr, "roc_auc": roc_auc(dist, issame),
          "tar_at_far": tar, "pairs": int(len(dist)), "genuine": int(issame.sum())}

@@ -10,13 +10,12 @@ import json
 
 import numpy as np
 
-from faceens.data.image_folder import DataError
+from faceens import api, verification
+from faceens.data.image_folder import DataError, load_image
 
 
 def verify(model, image_a: str, image_b: str, threshold: float | None = None,
            member: int | None = None) -> dict:
-  from faceens import verification
-  from faceens.data.image_folder import load_image
   images = np.stack([load_image(p, model.input_size, model.config.data.fit)
                      for p in (image_a, image_b)])
   emb = model.embed(images, member=member, flip=True)
@@ -42,7 +41,6 @@ def main(argv):
     raise SystemExit(f"error: expected two image paths, got {len(paths)}: "
                      "python -m faceens.verify --workdir=DIR a.jpg b.jpg")
   try:
-    from faceens import api
     model = api.load(FLAGS.workdir)
     r = verify(model, *paths, threshold=FLAGS.threshold, member=FLAGS.member)
   except (ValueError, FileNotFoundError, DataError) as e:

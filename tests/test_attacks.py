@@ -168,7 +168,7 @@ def test_bad_config_errors():
 
 SHARDED = textwrap.dedent("""
     import sys, jax, numpy as np
-    from faceens import api, configs, train
+    from faceens import api, configs, sharding, train
     from faceens.attacks import lots
     from tests.test_attacks import _faces
     c = configs.method_config("srv_fdp", "arcface", "test")
@@ -177,7 +177,7 @@ SHARDED = textwrap.dedent("""
     xs, xt = _faces(m, n=8)
     t = m.embed(xt)
     goal = 0.6 * np.linalg.norm(m.embed(xs) - t, axis=1)
-    mesh = train.make_mesh() if jax.device_count() > 1 else None
+    mesh = sharding.make_mesh() if jax.device_count() > 1 else None
     r = lots.attack(m.apply, m.variables, xs, t, goal, lots.AttackConfig(max_iters=30), mesh=mesh)
     np.savez(sys.argv[1], n=jax.device_count(), **{k: v for k, v in r.items()})
 """)

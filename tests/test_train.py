@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from faceens import api, configs, heads, train
+from faceens import api, configs, heads, models, sharding, train
 from faceens.data import demo, image_folder, pipeline
 from tests.conftest import REPO, run_on_simulated_devices
 
@@ -41,11 +41,11 @@ class Run:
     self.train_set = image_folder.load_image_folder(demo.orl_root(), c.data.image_size, c.data.fit,
                                                     demo.TRAIN_IDENTITIES)
     steps = train.total_steps(c, pipeline.steps_per_epoch(self.source, c.train.batch_size))
-    self.model = train.build_model(c)
+    self.model = models.get_model(c)
     opt = train.make_optimizer(c, steps)
-    self.mesh = train.make_mesh()
-    self.state = train.replicate(train.create_train_state(c, self.train_set.num_classes, opt), self.mesh)
-    self.step_fn = train.shard_train_step(train.make_train_step(c, self.model, opt), self.mesh,
+    self.mesh = sharding.make_mesh()
+    self.state = sharding.replicate(train.create_train_state(c, self.train_set.num_classes, opt), self.mesh)
+    self.step_fn = sharding.shard_train_step(train.make_train_step(c, self.model, opt), self.mesh,
                                           self.state)
     self.face_model = api.FaceModel(c, self.variables())
 
@@ -55,7 +55,7 @@ class Run:
   def step(self, t):
     del t  # the pipeline yields the batches in order
     x, y = next(self.data)
-    self.state, m = self.step_fn(self.state, *train.put_batch(self.mesh, x, y))
+    self.state, m = self.step_fn(self.state, *sharding.put_batch(self.mesh, x, y))
     return jax.device_get(m)
 
   def train_accuracy(self, n=120):
@@ -233,8 +233,8 @@ def test_member_updates_are_independent(clip_norm):
   rng = np.random.default_rng(0)
   x = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
   y = rng.integers(0, 30, 8).astype(np.int32)
-  step = jax.jit(train.make_train_step(c, train.build_model(c), opt))
-  step_s = jax.jit(train.make_train_step(cs, train.build_model(cs), opt_s))
+  step = jax.jit(train.make_train_step(c, models.get_model(c), opt))
+  step_s = jax.jit(train.make_train_step(cs, models.get_model(cs), opt_s))
   new, m = step(state, x, y)
   assert m["finite"] == 1.0
   if clip_norm:  # the clip is active: the raw backbone gradient is far above 0.05

@@ -11,17 +11,17 @@ from __future__ import annotations
 from faceens.data import verification_bin
 from faceens.data.image_folder import DataError
 from faceens.data.pack_rec import encode_jpeg
+from faceens.data.pairs import read_pairs_file
 
 
 def pack_pairs(pairs_path: str, out_path: str, size: int = 112, fit: str = "pad",
                quality: int = 95) -> dict:
-  from faceens.evaluate import pairs_file_set
-  s = pairs_file_set(pairs_path, size, fit)
+  faces, pairs, issame = read_pairs_file(pairs_path, size, fit)
   images = []
-  for a, b in s.pairs:
-    images += [encode_jpeg(s.images[a], quality), encode_jpeg(s.images[b], quality)]
-  verification_bin.save_bin(out_path, images, s.issame)
-  return {"pairs": len(s.pairs), "genuine": int(s.issame.sum()), "out": out_path}
+  for a, b in pairs:
+    images += [encode_jpeg(faces[a], quality), encode_jpeg(faces[b], quality)]
+  verification_bin.save_bin(out_path, images, issame)
+  return {"pairs": len(pairs), "genuine": int(issame.sum()), "out": out_path}
 
 
 def main(argv):

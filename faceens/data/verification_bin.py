@@ -17,8 +17,9 @@ import os
 import pickle
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
-from faceens.data.image_folder import DataError
+from faceens.data.image_folder import DataError, fit_image
 
 # (module, name) -> callable; every other global is refused.
 def _latin1_encode(obj, encoding="latin1", errors="strict"):
@@ -111,9 +112,6 @@ def save_bin(path: str, images, issame) -> None:
 
 def decode_images(encoded, size: int, fit: str = "pad", source: str = "") -> np.ndarray:
   """Encoded images -> uint8 ``[N, size, size, 3]``; an undecodable one raises ``DataError``."""
-  from PIL import Image, UnidentifiedImageError
-
-  from faceens.data.image_folder import fit_image
   out = np.empty((len(encoded), size, size, 3), np.uint8)
   for i, b in enumerate(encoded):
     try:

@@ -1,0 +1,44 @@
+"""Verification pair lists: ``path1 path2 label`` lines (VGG2-style), read into images and pairs."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from faceens.data.image_folder import DataError, load_image
+
+
+def read_pairs_file(path: str, size: int, fit: str = "pad"):
+  """``(images uint8 [N, size, size, 3], pairs int64 [P, 2], issame bool [P])`` from a file of
+  ``path1 path2 label`` lines (paths relative to the file's folder; ``#`` comments)."""
+  if not os.path.isfile(path):
+    raise DataError(f"pairs file {path} does not exist")
+  base = os.path.dirname(os.path.abspath(path))
+  index, paths, pairs, issame = {}, [], [], []
+  with open(path) as f:
+    for lineno, line in enumerate(f, 1):
+      line = line.strip()
+      if not line or line.startswith("#"):
+        continue
+      parts = line.split()
+      if len(parts) != 3:
+        raise DataError(f"{path}:{lineno}: expected 'path1 path2 label', got {line!r}")
+      if parts[2] not in ("0", "1"):
+        raise DataError(f"{path}:{lineno}: label must be 1 (same person) or 0 (different), "
+                        f"got {parts[2]!r}")
+      ids = []
+      for p in parts[:2]:
+        full = p if os.path.isabs(p) else os.path.join(base, p)
+        if full not in index:
+          if not os.path.isfile(full):
+            raise DataError(f"{path}:{lineno}: image {full} does not exist")
+          index[full] = len(paths)
+          paths.append(full)
+        ids.append(index[full])
+      pairs.append(ids)
+      issame.append(parts[2] == "1")
+  if not pairs:
+    raise DataError(f"pairs file {path} has no pairs (expected lines 'path1 path2 label')")
+  images = np.stack([load_image(p, size, fit) for p in paths])
+  return images, np.asarray(pairs, np.int64), np.asarray(issame)
