@@ -6,7 +6,7 @@
     f = model.embedding_fn()                 # jax function [B, S, S, 3] in [0, 1] -> [B, d]
 
 Pixels: uint8 arrays are resized to the model input exactly as the training data was
-(``config.data.fit``); float arrays must already be ``[B, S, S, 3]`` in [0, 1] (what the attacks
+(``config.data.fit`` and ``config.data.crop``); float arrays must already be ``[B, S, S, 3]`` in [0, 1] (what the attacks
 produce) and are used as they are. Inside, pixels become ``(x - 0.5) / 0.5``, the training
 normalisation.
 
@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from faceens import configs, models
-from faceens.data.image_folder import fit_image
+from faceens.data.image_folder import fit_image, fit_spec
 from faceens.models import ensemble
 from faceens.verification import flip_embedding
 
@@ -95,7 +95,7 @@ class FaceModel:
         return x.astype(np.float32) / 255.0
       mode = "L" if x.shape[-1] == 1 else "RGB"
       out = [fit_image(Image.fromarray(im[..., 0] if mode == "L" else im, mode), s,
-                       self.config.data.fit) for im in x]
+                       fit_spec(self.config)) for im in x]
       return np.stack(out).astype(np.float32) / 255.0
     if np.issubdtype(x.dtype, np.floating):
       if x.shape[1:3] != (s, s):

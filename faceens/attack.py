@@ -70,7 +70,8 @@ def attack_images(model, images_dir: str | None):
   """uint8 images and labels to draw pairs from: ``images_dir`` or the run's held-out people."""
   c = model.config
   if images_dir:
-    faces = image_folder.load_image_folder(images_dir, model.input_size, c.data.fit)
+    faces = image_folder.load_image_folder(images_dir, model.input_size,
+                                            image_folder.fit_spec(c))
     return faces.images, faces.labels, images_dir
   held, source = evaluate.heldout_faces(c)
   if held is None:

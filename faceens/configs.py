@@ -17,6 +17,7 @@ from __future__ import annotations
 import ml_collections
 
 from faceens import heads, losses
+from faceens.data import image_folder
 from faceens.models import depthwise, ensemble, mobilefacenet
 
 VARIANTS = ("full", "demo", "test")
@@ -77,6 +78,10 @@ def method_config(method: str, loss: str, variant: str | None = None) -> ml_coll
   c.data.tfds_name = "ms1mv2"       # kind=tfds: a prepared faceens.data.tfds dataset (root = data_dir)
   c.data.image_size = 112
   c.data.fit = "pad"
+  # (top, left, height, width) cut out of every image before it is fitted (training, evaluation,
+  # the embedding API and attacks alike); () = the whole image. Aligned 250x250 LFW: the face
+  # is roughly the central 110x110 pixels.
+  c.data.crop = ()
   c.data.flip = True
   c.data.max_shift = 0              # random translation (pixels), pad-and-crop augmentation
   c.data.contrast = 0.0             # random contrast factor in 1 +- contrast
@@ -186,6 +191,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail("model.blocks", c.model.blocks, "4 positive integers, e.g. (1, 4, 6, 2)")
   if c.data.image_size % 16 or c.data.image_size < 16:
     _fail("data.image_size", c.data.image_size, "a multiple of 16 (112 for MS1MV2)")
+  crop = tuple(c.data.get("crop", ()) or ())
+  if crop and (len(crop) != 4 or min(crop[:2]) < 0 or min(crop[2:]) < 1):
+    _fail("data.crop", crop, "() or (top, left, height, width) with top, left >= 0 and "
+          "height, width >= 1, e.g. (70, 70, 110, 110) for aligned 250x250 LFW")
+  if c.data.fit not in image_folder.FITS:
+    _fail("data.fit", c.data.fit, ", ".join(image_folder.FITS))
   if c.data.kind not in DATA_KINDS:
     _fail("data.kind", c.data.kind, ", ".join(DATA_KINDS))
   if c.optim.name not in OPTIMIZERS:

@@ -49,7 +49,7 @@ class EvalSet:
 
 def heldout_faces(c) -> tuple[image_folder.FaceSet, str] | tuple[None, None]:
   """The run's held-out people (``(FaceSet, source)``), or ``(None, None)``."""
-  size, fit = c.data.image_size, c.data.fit
+  size, fit = c.data.image_size, image_folder.fit_spec(c)
   if c.data.kind == "orl":
     root = c.data.root or demo_data.orl_root()
     return image_folder.load_image_folder(root, size, fit, demo_data.HELDOUT_IDENTITIES,
@@ -103,7 +103,7 @@ def lfw_set(root: str, size: int, fit: str = "pad", folds=None, name: str = "lfw
 def standard_bin_sets(c) -> list[EvalSet]:
   """``lfw``, ``cfp_fp``, ``agedb_30`` ``.bin`` files found in ``data.root`` (maybe none)."""
   paths = [os.path.join(c.data.root, f"{n}.bin") for n in STANDARD_BINS]
-  return [bin_set(p, c.data.image_size, c.data.fit) for p in paths if os.path.isfile(p)]
+  return [bin_set(p, c.data.image_size, image_folder.fit_spec(c)) for p in paths if os.path.isfile(p)]
 
 
 def default_sets(c) -> list[EvalSet]:
@@ -185,8 +185,8 @@ def format_table(results: dict) -> str:
           f"{m['accuracy']:>9.4f}+-{m['accuracy_std']:.3f} {m['threshold']:>5.2f} "
           f"{_fmt(m['roc_auc']):>6} {_fmt(tar.get('0.001')):>8} {_fmt(tar.get('0.0001')):>8} | "
           f"{m['paper']['accuracy']:>9.4f} {m['paper']['threshold']:>5.2f}")
-  lines.append("accuracy: InsightFace protocol (flip, squared L2, 10 folds); paper: Euclidean, "
-               "no flip; n/a: too few pairs for that FAR")
+  lines.append("accuracy: InsightFace protocol (flip, squared L2, 10 contiguous folds, or LFW's "
+               "official folds); paper: Euclidean, no flip; n/a: too few pairs for that FAR")
   return "\n".join(lines)
 
 
@@ -196,7 +196,7 @@ def run(workdir: str, bins=(), pairs=(), *, lfw: str | None = None, lfw_folds=No
   """Evaluates a run directory; returns (and writes to ``workdir/eval.json``) the results."""
   model = api.load(workdir, step=step)
   c = model.config
-  size, fit = model.input_size, c.data.fit
+  size, fit = model.input_size, image_folder.fit_spec(c)
   sets = [bin_set(p, size, fit) for p in bins] + [pairs_file_set(p, size, fit) for p in pairs]
   if lfw:
     sets.append(lfw_set(lfw, size, fit, folds=lfw_folds))

@@ -221,7 +221,7 @@ def load_datasets(c):
   The training source is random-access (``faceens.data.pipeline``): the ORL / image folder read
   lazily, or InsightFace's ``train.rec`` for ``ms1mv2``.
   """
-  fit, skip = c.data.fit, c.data.skip_bad
+  fit, skip = image_folder.fit_spec(c), c.data.skip_bad
   if c.data.kind == "orl":
     root = c.data.root or demo_data.orl_root()
     train = pipeline.ImageFolderSource(root, demo_data.TRAIN_IDENTITIES, skip)
@@ -281,8 +281,8 @@ def make_pipeline(c, source):
   """The grain pipeline of this host's batches for ``source`` (``faceens.data.pipeline``)."""
   return pipeline.build(
       source, global_batch=c.train.batch_size, image_size=c.data.image_size, seed=c.seed,
-      fit=c.data.fit, flip=c.data.flip, max_shift=c.data.max_shift, contrast=c.data.contrast,
-      brightness=c.data.brightness, skip_bad=c.data.skip_bad,
+      fit=image_folder.fit_spec(c), flip=c.data.flip, max_shift=c.data.max_shift,
+      contrast=c.data.contrast, brightness=c.data.brightness, skip_bad=c.data.skip_bad,
       workers=pipeline.worker_count(c.data.workers), read_threads=c.data.read_threads,
       prefetch=c.data.prefetch)
 

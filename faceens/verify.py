@@ -11,12 +11,12 @@ import json
 import numpy as np
 
 from faceens import api, verification
-from faceens.data.image_folder import DataError, load_image
+from faceens.data.image_folder import DataError, fit_spec, load_image
 
 
 def verify(model, image_a: str, image_b: str, threshold: float | None = None,
            member: int | None = None) -> dict:
-  images = np.stack([load_image(p, model.input_size, model.config.data.fit)
+  images = np.stack([load_image(p, model.input_size, fit_spec(model.config))
                      for p in (image_a, image_b)])
   emb = model.embed(images, member=member, flip=True)
   dist = float(verification.distances(emb[:1], emb[1:], "squared_l2")[0])

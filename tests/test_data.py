@@ -40,6 +40,45 @@ def test_fit_pad_keeps_aspect_and_zero_pads():
   assert image_folder.fit_image(img, 32, "crop").min() == 200
 
 
+def test_crop_box_cuts_before_fitting():
+  rng = np.random.default_rng(3)
+  arr = rng.integers(0, 256, (250, 250), dtype=np.uint8)
+  img = Image.fromarray(arr)
+  out = image_folder.fit_image(img, 32, "stretch@70,60,110,100")
+  # Reference: the numpy slice [top:top+h, left:left+w], then the same resize.
+  want = np.asarray(Image.fromarray(arr[70:180, 60:160]).convert("RGB").resize((32, 32),
+                                                                                Image.BILINEAR))
+  np.testing.assert_array_equal(out, want)
+  # A box of the image's own size changes nothing.
+  np.testing.assert_array_equal(image_folder.fit_image(img, 32, "pad@0,0,250,250"),
+                                image_folder.fit_image(img, 32, "pad"))
+  with pytest.raises(ValueError, match="does not fit in a 250x250 image"):
+    image_folder.fit_image(img, 32, "pad@200,0,110,110")
+  with pytest.raises(ValueError, match="must be 4 integers"):
+    image_folder.fit_image(img, 32, "pad@1,2,3")
+  with pytest.raises(ValueError, match="unknown fit 'padd'"):
+    image_folder.fit_image(img, 32, "padd")
+
+
+def test_crop_in_config_reaches_the_loaders(tmp_path):
+  from faceens import configs
+  c = configs.method_config("srv_fdp", "arcface", "test")
+  assert image_folder.fit_spec(c) == "pad"
+  c.data.crop = (10, 5, 20, 20)
+  configs.validate(c)
+  assert image_folder.fit_spec(c) == "pad@10,5,20,20"
+  root = _folder(tmp_path)  # 30 wide, 40 high
+  fs = image_folder.load_image_folder(root, 16, image_folder.fit_spec(c))
+  with Image.open(os.path.join(root, "alice", "0.png")) as im:
+    want = image_folder.fit_image(im.crop((5, 10, 25, 30)), 16, "pad")  # PIL: left, top, right, bottom
+  np.testing.assert_array_equal(fs.images[0], want)
+  with pytest.raises(DataError, match=r"alice.0\.png: crop box .* does not fit in a 30x40 image"):
+    image_folder.load_image(os.path.join(root, "alice", "0.png"), 16, "pad@10,5,80,70")
+  c.data.crop = (1, 2, 3)
+  with pytest.raises(ValueError, match=r"data.crop = \(1, 2, 3\) is invalid"):
+    configs.validate(c)
+
+
 def test_bad_inputs_name_the_file(tmp_path):
   root = _folder(tmp_path)
   (tmp_path / "bob" / "notes.txt").write_text("not a face")

@@ -4,6 +4,10 @@ Identities are the sorted sub-folder names; labels are their indices. Every imag
 3-channel uint8 (grayscale is repeated) of ``size x size``: resized with its aspect ratio kept so
 that the longer side is ``size``, then zero-padded to a square (``fit="pad"``), or centre-cropped
 to a square then resized (``fit="crop"``), or resized ignoring the aspect ratio (``fit="stretch"``).
+
+A fixed box can be cut out first (``config.data.crop = (top, left, height, width)``, e.g. the
+face region of aligned 250x250 LFW images): ``fit_spec(config)`` gives the ``fit`` string every
+loader takes, ``"<fit>@top,left,height,width"``.
 """
 
 from __future__ import annotations
@@ -39,11 +43,38 @@ class FaceSet:
     return len(self.classes)
 
 
+def fit_spec(config) -> str:
+  """The ``fit`` string of a config: ``data.fit``, with ``data.crop``'s box when one is set."""
+  crop = tuple(config.data.get("crop", ()) or ())
+  return f"{config.data.fit}@{','.join(str(int(v)) for v in crop)}" if crop else config.data.fit
+
+
+def parse_fit(fit: str) -> tuple[str, tuple[int, int, int, int] | None]:
+  """``"pad"`` -> ``("pad", None)``; ``"pad@70,70,110,110"`` -> ``("pad", (70, 70, 110, 110))``."""
+  mode, _, box = fit.partition("@")
+  if mode not in FITS:
+    raise ValueError(f"unknown fit {mode!r}; valid: {', '.join(FITS)}")
+  if not box:
+    return mode, None
+  try:
+    t, l, h, w = (int(v) for v in box.split(","))
+  except ValueError:
+    raise ValueError(f"crop box {box!r} must be 4 integers top,left,height,width") from None
+  if min(t, l) < 0 or min(h, w) < 1:
+    raise ValueError(f"crop box {box!r}: top and left must be >= 0, height and width >= 1")
+  return mode, (t, l, h, w)
+
+
 def fit_image(img: Image.Image, size: int, fit: str = "pad") -> np.ndarray:
   """PIL image -> ``[size, size, 3]`` uint8 (see module docstring for ``fit``)."""
-  if fit not in FITS:
-    raise ValueError(f"unknown fit {fit!r}; valid: {', '.join(FITS)}")
+  fit, box = parse_fit(fit)
   img = img.convert("RGB")
+  if box is not None:
+    t, l, h, w = box
+    if t + h > img.size[1] or l + w > img.size[0]:
+      raise ValueError(f"crop box (top {t}, left {l}, height {h}, width {w}) does not fit in a "
+                       f"{img.size[0]}x{img.size[1]} image")
+    img = img.crop((l, t, l + w, t + h))
   w, h = img.size
   if fit == "stretch":
     return np.asarray(img.resize((size, size), Image.BILINEAR), np.uint8)
@@ -68,6 +99,8 @@ def load_image(path: str, size: int, fit: str = "pad") -> np.ndarray:
       return fit_image(img, size, fit)
   except (UnidentifiedImageError, OSError, SyntaxError) as e:
     raise DataError(f"cannot decode image {path}: {e}") from e
+  except ValueError as e:  # a crop box outside the image
+    raise DataError(f"image {path}: {e}") from None
 
 
 def list_identities(root: str) -> list[tuple[str, list[str]]]:
