@@ -100,6 +100,12 @@ def lfw_set(root: str, size: int, fit: str = "pad", folds=None, name: str = "lfw
   return EvalSet(name, images, pairs, issame, root, folds=fold)
 
 
+def lfw_test_set(c) -> EvalSet:
+  """``data.kind=lfw``: the pairs of the held-out official folds (``data.lfw_test_folds``)."""
+  return lfw_set(c.data.root, c.data.image_size, image_folder.fit_spec(c),
+                 folds=[f - 1 for f in c.data.lfw_test_folds], name="lfw_test")
+
+
 def standard_bin_sets(c) -> list[EvalSet]:
   """``lfw``, ``cfp_fp``, ``agedb_30`` ``.bin`` files found in ``data.root`` (maybe none)."""
   paths = [os.path.join(c.data.root, f"{n}.bin") for n in STANDARD_BINS]
@@ -111,6 +117,8 @@ def default_sets(c) -> list[EvalSet]:
   held = heldout_set(c)
   if held is not None:
     return [held]
+  if c.data.kind == "lfw":
+    return [lfw_test_set(c)]
   if c.data.kind == "ms1mv2" and c.data.root:
     found = standard_bin_sets(c)
     if found:

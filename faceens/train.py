@@ -37,6 +37,7 @@ from faceens import api, configs, evaluate, heads, losses, models, sharding
 from faceens.attacks import lots
 from faceens.data import demo as demo_data
 from faceens.data import image_folder
+from faceens.data import lfw as lfw_data
 from faceens.data import pipeline
 from faceens.models import ensemble
 from faceens.models.ensemble import l2_normalize
@@ -238,6 +239,14 @@ def load_datasets(c):
     return train, held
   if c.data.kind == "tfds":
     return tfds_source(c), None
+  if c.data.kind == "lfw":
+    if not c.data.root or not os.path.isdir(c.data.root):
+      raise FileNotFoundError(
+          f"LFW not found at {c.data.root or '(data.root is not set)'}: set "
+          "--config.data.root=DIR with DIR/images/<Name>/<Name>_NNNN.jpg and the official "
+          "DIR/pairs.txt (LFW as distributed by UMass, vis-www.cs.umass.edu/lfw)")
+    people = lfw_data.training_identities(c.data.root, [f - 1 for f in c.data.lfw_test_folds])
+    return pipeline.ImageFolderSource(lfw_data.images_dir(c.data.root), people, skip), None
   root = c.data.root
   rec = os.path.join(root, "train.rec") if root else ""
   if not root or not os.path.exists(rec):
@@ -292,6 +301,8 @@ def evaluation_sets(c, held: image_folder.FaceSet | None):
   if held is not None:
     return [evaluate.faceset_pairs("heldout", held, c.train.heldout_pairs_seed,
                                    c.data.heldout_root or c.data.root or "bundled ORL s31-s40")]
+  if c.data.kind == "lfw":
+    return [evaluate.lfw_test_set(c)]
   if c.data.kind == "ms1mv2" and c.data.root:
     return evaluate.standard_bin_sets(c)
   return []

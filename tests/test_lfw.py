@@ -126,3 +126,56 @@ def test_official_lfw_pairs_file():
   assert not first & second and len(second) == 2195
   for p in pairs[:20] + pairs[-20:]:
     assert os.path.isfile(lfw.image_path(SHARED_LFW, p.name1, p.index1))
+
+
+# Four folds of one same- and one different-person pair: folds 1-2 (Ann..Dan) and the people in
+# no pair (Eve, Fay; Gus has one image) train, folds 3-4 (Hal..Kim) test.
+PEOPLE4 = {"Ann": 2, "Bob": 2, "Cat": 3, "Dan": 2, "Eve": 2, "Fay": 3, "Gus": 1, "Hal": 2,
+           "Ida": 1, "Jon": 2, "Kim": 1}
+PAIRS4 = """4 1
+Ann 1 2
+Ann 1 Bob 1
+Cat 1 3
+Cat 2 Dan 1
+Hal 1 2
+Hal 2 Ida 1
+Jon 1 2
+Jon 1 Kim 1
+"""
+
+
+def test_training_identities_exclude_the_test_folds(tmp_path):
+  root = make_lfw(tmp_path, PEOPLE4, PAIRS4)
+  assert lfw.training_identities(root, [2, 3]) == ["Ann", "Bob", "Cat", "Dan", "Eve", "Fay"]
+  assert lfw.training_identities(root, [0, 1]) == ["Eve", "Fay", "Hal", "Jon"]
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_LFW), reason="the full LFW copy is not beside the repo")
+def test_official_split_sizes():
+  """SOURCE.md's numbers: 826 training people with 4,194 images when folds 6-10 are the test."""
+  people = lfw.training_identities(SHARED_LFW, range(5, 10))
+  counts = lfw.people(SHARED_LFW)
+  assert len(people) == 826 and sum(counts[p] for p in people) == 4194
+
+
+def test_train_on_lfw_layout_and_evaluate_on_unseen_folds(tmp_path):
+  from faceens import configs, train
+  root = make_lfw(tmp_path / "lfw", PEOPLE4, PAIRS4)
+  c = configs.method_config("single", "arcface", "lfw")
+  configs.validate(c)
+  assert (c.data.kind, tuple(c.data.crop), c.data.lfw_test_folds) == ("lfw", (70, 70, 110, 110),
+                                                                      (6, 7, 8, 9, 10))
+  c.data.root, c.data.lfw_test_folds = root, (3, 4)
+  c.data.image_size, c.model.width, c.model.blocks, c.model.embedding_dim = 32, 0.125, (1, 1, 1, 1), 16
+  c.train.batch_size, c.train.steps, c.train.checkpoint_every = 8, 2, 2
+  source, held = train.load_datasets(c)
+  assert source.classes == ["Ann", "Bob", "Cat", "Dan", "Eve", "Fay"] and len(source) == 14
+  summary = train.train_and_evaluate(c, str(tmp_path / "run"), progress=False)
+  assert set(summary["eval"]) == {"lfw_test"}
+  with open(tmp_path / "run" / "eval.json") as f:
+    import json
+    r = json.load(f)["datasets"]["lfw_test"]
+  assert r["pairs"] == 4 and r["folds"] == "official"
+  c.data.root = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="LFW not found at .*nowhere"):
+    train.load_datasets(c)

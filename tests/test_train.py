@@ -106,7 +106,7 @@ def test_every_experiment_test_variant_runs_a_step(path):
 
 def test_experiment_full_and_demo_variants_build():
   for path in EXPERIMENTS:
-    for variant in ("full", "demo", None):
+    for variant in ("full", "demo", "lfw", None):
       configs.validate(load_experiment(path, variant))
   full = load_experiment(os.path.join(REPO, "experiments", "arcface_srv_fdp.py"), None)
   assert (full.train.batch_size, full.train.epochs, full.optim.lr) == (256, 20, 1e-3)
@@ -182,7 +182,7 @@ def test_malformed_config_is_a_clear_error(field, value, match):
 
 
 def test_unknown_variant():
-  with pytest.raises(ValueError, match="unknown variant 'tiny'; valid: full, demo, test"):
+  with pytest.raises(ValueError, match="unknown variant 'tiny'; valid: full, demo, lfw, test"):
     configs.method_config("srv_fdp", "arcface", "tiny")
 
 
