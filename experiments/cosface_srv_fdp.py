@@ -5,7 +5,7 @@
 
 Variants: full (default; the paper recipe on MS1MV2, 20 epochs of 5.8M images: days on one GPU),
 demo (bundled ORL faces, minutes on a 2-core CPU), lfw (LFW in its own layout,
---config.data.root=DIR: people of folds 1-5 train, the pairs of folds 6-10 test; ~5-15 minutes
+--config.data.root=DIR: people of folds 1-5 train, the pairs of folds 6-10 test; 6-17 minutes
 on a 2-core CPU), test (seconds).
 """
 
