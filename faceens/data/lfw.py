@@ -14,7 +14,8 @@ import os
 
 import numpy as np
 
-from faceens.data.image_folder import DataError, load_image
+from faceens.data.image_folder import DataError
+from faceens.data.pairs import load_pair_images
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,23 +94,17 @@ def load_pairs(root: str, size: int, fit: str = "pad", pairs_path: str | None = 
   if folds is not None:
     folds = set(int(f) for f in folds)
     pairs = [p for p in pairs if p.fold in folds]
-  index, files, out = {}, [], []
+  files = []
   for p in pairs:
-    ids = []
-    for name, i in ((p.name1, p.index1), (p.name2, p.index2)):
-      f = image_path(root, name, i)
-      if f not in index:
-        if not os.path.isfile(f):
-          raise DataError(f"{path}: fold {p.fold + 1} names {name} image {i}, but {f} does not "
-                          "exist")
-        index[f] = len(files)
-        files.append(f)
-      ids.append(index[f])
-    out.append(ids)
-  images = np.stack([load_image(f, size, fit) for f in files]) if files else \
-      np.zeros((0, size, size, 3), np.uint8)
-  return (images, np.asarray(out, np.int64).reshape(-1, 2),
-          np.asarray([p.same for p in pairs], bool), np.asarray([p.fold for p in pairs], np.int64))
+    pair = [image_path(root, name, i) for name, i in ((p.name1, p.index1), (p.name2, p.index2))]
+    for f, name, i in zip(pair, (p.name1, p.name2), (p.index1, p.index2)):
+      if not os.path.isfile(f):
+        raise DataError(f"{path}: fold {p.fold + 1} names {name} image {i}, but {f} does not "
+                        "exist")
+    files.append(pair)
+  images, index = load_pair_images(files, size, fit)
+  return (images, index, np.asarray([p.same for p in pairs], bool),
+          np.asarray([p.fold for p in pairs], np.int64))
 
 
 def people(root: str) -> dict[str, int]:

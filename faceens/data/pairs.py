@@ -15,7 +15,7 @@ def read_pairs_file(path: str, size: int, fit: str = "pad"):
   if not os.path.isfile(path):
     raise DataError(f"pairs file {path} does not exist")
   base = os.path.dirname(os.path.abspath(path))
-  index, paths, pairs, issame = {}, [], [], []
+  pairs, issame = [], []
   with open(path) as f:
     for lineno, line in enumerate(f, 1):
       line = line.strip()
@@ -27,18 +27,28 @@ def read_pairs_file(path: str, size: int, fit: str = "pad"):
       if parts[2] not in ("0", "1"):
         raise DataError(f"{path}:{lineno}: label must be 1 (same person) or 0 (different), "
                         f"got {parts[2]!r}")
-      ids = []
-      for p in parts[:2]:
-        full = p if os.path.isabs(p) else os.path.join(base, p)
-        if full not in index:
-          if not os.path.isfile(full):
-            raise DataError(f"{path}:{lineno}: image {full} does not exist")
-          index[full] = len(paths)
-          paths.append(full)
-        ids.append(index[full])
-      pairs.append(ids)
+      full = [p if os.path.isabs(p) else os.path.join(base, p) for p in parts[:2]]
+      for f in full:
+        if not os.path.isfile(f):
+          raise DataError(f"{path}:{lineno}: image {f} does not exist")
+      pairs.append(full)
       issame.append(parts[2] == "1")
   if not pairs:
     raise DataError(f"pairs file {path} has no pairs (expected lines 'path1 path2 label')")
-  images = np.stack([load_image(p, size, fit) for p in paths])
-  return images, np.asarray(pairs, np.int64), np.asarray(issame)
+  images, index = load_pair_images(pairs, size, fit)
+  return images, index, np.asarray(issame)
+
+
+def load_pair_images(pairs, size: int, fit: str = "pad"):
+  """Image-path pairs ``[(a, b), ...]`` -> ``(images uint8 [N, size, size, 3], pairs int64
+  [P, 2])``: every distinct file loaded once, pairs as indices into ``images``."""
+  index, files = {}, []
+  for pair in pairs:
+    for f in pair:
+      if f not in index:
+        index[f] = len(files)
+        files.append(f)
+  images = (np.stack([load_image(f, size, fit) for f in files]) if files
+            else np.zeros((0, size, size, 3), np.uint8))
+  ids = np.asarray([[index[a], index[b]] for a, b in pairs], np.int64).reshape(-1, 2)
+  return images, ids
