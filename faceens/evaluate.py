@@ -60,14 +60,6 @@ def heldout_faces(c) -> tuple[image_folder.FaceSet, str] | tuple[None, None]:
   return None, None
 
 
-def heldout_set(c, name: str = "heldout") -> EvalSet | None:
-  """Balanced pairs over the run's held-out identities (``None`` when it has none)."""
-  held, root = heldout_faces(c)
-  if held is None:
-    return None
-  return faceset_pairs(name, held, c.train.heldout_pairs_seed, root)
-
-
 def faceset_pairs(name: str, faces: image_folder.FaceSet, seed: int, source: str) -> EvalSet:
   """All genuine pairs of a set of identities and as many seeded impostor pairs."""
   pairs, issame = demo_data.balanced_pairs(faces.labels, seed=seed)
@@ -112,17 +104,29 @@ def standard_bin_sets(c) -> list[EvalSet]:
   return [bin_set(p, c.data.image_size, image_folder.fit_spec(c)) for p in paths if os.path.isfile(p)]
 
 
-def default_sets(c) -> list[EvalSet]:
-  """The run's own evaluation sets (see the module docstring)."""
-  held = heldout_set(c)
+def run_sets(c, held: image_folder.FaceSet | None = None, held_source: str | None = None
+             ) -> list[EvalSet]:
+  """The sets a run is evaluated on, during and after training and by default here: its
+  held-out identities (balanced pairs), LFW's test folds (``data.kind=lfw``), or the standard
+  ``.bin`` files beside MS1MV2 (maybe none). ``held``: the held-out people if the caller has
+  loaded them already (``held_source`` names them)."""
+  if held is None:
+    held, held_source = heldout_faces(c)
   if held is not None:
-    return [held]
+    return [faceset_pairs("heldout", held, c.train.heldout_pairs_seed, held_source)]
   if c.data.kind == "lfw":
     return [lfw_test_set(c)]
   if c.data.kind == "ms1mv2" and c.data.root:
-    found = standard_bin_sets(c)
-    if found:
-      return found
+    return standard_bin_sets(c)
+  return []
+
+
+def default_sets(c) -> list[EvalSet]:
+  """``run_sets``, or an error saying what to pass when the run has none."""
+  sets = run_sets(c)
+  if sets:
+    return sets
+  if c.data.kind == "ms1mv2" and c.data.root:
     raise DataError(f"no {', '.join(n + '.bin' for n in STANDARD_BINS)} in {c.data.root}; pass "
                     "--bins=a.bin,b.bin or --pairs=pairs.txt")
   raise DataError("this run has no default evaluation set (no held-out identities); pass "

@@ -296,18 +296,6 @@ def make_pipeline(c, source):
       prefetch=c.data.prefetch)
 
 
-def evaluation_sets(c, held: image_folder.FaceSet | None):
-  """Sets evaluated during and after training: the held-out identities (balanced pairs)."""
-  if held is not None:
-    return [evaluate.faceset_pairs("heldout", held, c.train.heldout_pairs_seed,
-                                   c.data.heldout_root or c.data.root or "bundled ORL s31-s40")]
-  if c.data.kind == "lfw":
-    return [evaluate.lfw_test_set(c)]
-  if c.data.kind == "ms1mv2" and c.data.root:
-    return evaluate.standard_bin_sets(c)
-  return []
-
-
 def run_evaluation(c, face_model, state: TrainState, sets) -> dict:
   """``faceens.evaluate`` metrics of the current state on ``sets``."""
   face_model.variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
@@ -416,7 +404,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
   state = sharding.replicate(state, mesh)
   step_fn = sharding.shard_train_step(make_train_step(c, model, optimizer), mesh, state)
 
-  eval_sets = evaluation_sets(c, held)
+  eval_sets = evaluate.run_sets(
+      c, held, c.data.heldout_root or c.data.root or "bundled ORL s31-s40")
   if c.train.eval_every and not eval_sets:
     raise ValueError(f"config field train.eval_every = {c.train.eval_every} needs evaluation "
                      "pairs: data.kind=orl, image_folder with data.heldout_root, or ms1mv2 with "
