@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from typing import Any
@@ -448,8 +447,14 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
       jax.block_until_ready(metrics)
       compiled_at = time.perf_counter()
       t_window, n_window = compiled_at, 0
-    if done % c.train.log_every == 0 or done == num_steps:
+    is_log = done % c.train.log_every == 0 or done == num_steps
+    will_save = done == num_steps or mngr.should_save(done)
+    if is_log or will_save:
       m = jax.device_get(metrics)
+      if not m["finite"]:  # never log or checkpoint a non-finite state: every resume would load it
+        _close_quietly(mngr, bar)
+        raise _non_finite_error(m, done, c, mngr.latest_step())
+    if is_log:
       now = time.perf_counter()
       ips = n_window / max(now - t_window, 1e-9) if n_window else float("nan")
       if n_window:
@@ -457,9 +462,6 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
         steady_time += now - t_window
       t_window, n_window = now, 0
       last = {k: float(v) for k, v in m.items() if k != "finite"}
-      if not (m["finite"] and math.isfinite(last["loss"])):
-        _close_quietly(mngr, bar)
-        raise _non_finite_error(m, done, c, mngr.latest_step())
       lr = float(schedule(step))
       record = {"step": done, "lr": lr, "img_per_s": ips, **last}
       if is_main:
@@ -482,21 +484,12 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
             f"{n} accuracy {r['accuracy']:.4f} (paper {r['paper']['accuracy']:.4f})"
             for n, r in results.items()))
     bar.update(1)
-    if done == num_steps or mngr.should_save(done):
-      # Never checkpoint a non-finite state: every resume would load it.
-      m = jax.device_get(metrics)
-      if not m["finite"]:
-        _close_quietly(mngr, bar)
-        raise _non_finite_error(m, done, c, mngr.latest_step())
+    if will_save:
       mngr.save(done, args=_save_args(state, data_iter), force=(done == num_steps))
     if stop_after is not None and done >= stop_after:
-      mngr.wait_until_finished()
-      mngr.close()
-      bar.close()
+      _close_quietly(mngr, bar)
       return {"steps": done, "stopped": True}
-  mngr.wait_until_finished()
-  mngr.close()
-  bar.close()
+  _close_quietly(mngr, bar)
   del data_iter  # stops grain's worker processes and frees their shared memory
   train_seconds = time.perf_counter() - t_loop
   if not last and os.path.exists(metrics_path):  # already finished: report the logged end
@@ -530,6 +523,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
 
 
 def _close_quietly(mngr, bar) -> None:
+  """Waits for pending checkpoint writes, then closes the manager and the progress bar."""
   mngr.wait_until_finished()
   mngr.close()
   bar.close()
