@@ -70,6 +70,11 @@ class Sizes:
   workers: int = 4
   members: int = 3                 # K of the ensemble rows (the paper's 3)
 
+  def train_step_kwargs(self) -> dict:
+    """The network, batch and head sizes both train-step benchmarks take."""
+    return dict(batch=self.batch, size=self.size, classes=self.classes, width=self.width,
+                blocks=self.blocks, embedding_dim=self.embedding_dim)
+
 
 FULL = Sizes()
 # Correctness checks compare code paths, not speed: the same ops on a shallower network compile
@@ -324,8 +329,7 @@ def top_device_ops(trace_dir: str, n: int = 15) -> list[dict]:
 
 
 def train_rows(sz: Sizes, report: Report, budget: Budget, torch_device: str | None, tmp: str):
-  common = dict(batch=sz.batch, size=sz.size, classes=sz.classes, width=sz.width,
-                blocks=sz.blocks, embedding_dim=sz.embedding_dim)
+  common = sz.train_step_kwargs()
   # (K, dtype, strategy, PyTorch reference runs): most important first.
   k = sz.members
   rows = [(k, "bfloat16", "vmap", True), (1, "bfloat16", "vmap", True), (1, "float32", "vmap", True),
@@ -368,12 +372,10 @@ def train_rows(sz: Sizes, report: Report, budget: Budget, torch_device: str | No
               f"{row['speedup_vs_torch_eager']:.2f}x" if "speedup_vs_torch_eager" in row else ""),
           flush=True)
     report.write()
-  return torch_cache
 
 
 def torch_compile_rows(sz: Sizes, report: Report, budget: Budget, torch_device: str):
-  common = dict(batch=sz.batch, size=sz.size, classes=sz.classes, width=sz.width,
-                blocks=sz.blocks, embedding_dim=sz.embedding_dim)
+  common = sz.train_step_kwargs()
   for k in (sz.members, 1):
     if budget.left() < 120:
       report.skip(f"torch.compile K={k} bf16", "budget left under 120 s")

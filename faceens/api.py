@@ -6,8 +6,8 @@
     f = model.embedding_fn()                 # jax function [B, S, S, 3] in [0, 1] -> [B, d]
 
 Pixels: uint8 arrays are resized to the model input exactly as the training data was
-(``config.data.fit`` and ``config.data.crop``); float arrays must already be ``[B, S, S, 3]`` in [0, 1] (what the attacks
-produce) and are used as they are. Inside, pixels become ``(x - 0.5) / 0.5``, the training
+(``config.data.fit`` and ``config.data.crop``); float arrays must already be ``[B, S, S, 3]`` in
+[0, 1] (what the attacks produce) and are used as they are. Inside, pixels become ``(x - 0.5) / 0.5``, the training
 normalisation.
 
 Embeddings: member k's is ``f_k(x) / ||f_k(x)||``; the ensemble's (``member=None``) is Amada et

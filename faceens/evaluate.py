@@ -10,8 +10,10 @@ For every evaluation set it reports, for the ensemble and for each member:
 Sets: ``--bins=a.bin,b.bin`` (InsightFace verification files), ``--pairs=pairs.txt`` (lines
 ``path1 path2 label``, label 1 = same person, paths relative to the file's folder; VGG2-style pair
 lists), ``--lfw=DIR`` (LFW in its own layout with the official ``pairs.txt``, evaluated with
-the official person-disjoint folds; ``--lfw_folds=6,7,8,9,10`` keeps some), or by default the run's own: the bundled held-out identities for the demo, a held-out
-image folder, or ``lfw``, ``cfp_fp`` and ``agedb_30`` next to the MS1MV2 training data.
+the official person-disjoint folds; ``--lfw_folds=6,7,8,9,10`` keeps some), or by default the
+run's own (``run_sets``): the bundled held-out identities for the demo, a held-out image folder,
+LFW's test folds for ``data.kind=lfw``, or ``lfw``, ``cfp_fp`` and ``agedb_30`` next to the
+MS1MV2 training data.
 Results go to ``DIR/eval.json``.
 """
 
