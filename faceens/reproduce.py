@@ -1,0 +1,196 @@
+"""The paper's comparison in one resumable command:
+
+  python -m faceens.reproduce --suite=lfw --lfw=DIR --out=reports/lfw
+
+Stages (``--stages``, default all, in this order):
+
+  * ``train``: every ArcFace method of the paper (``experiments/arcface_<method>.py:lfw``) in
+    ``--runs/<loss>_<method>``: a finished run is reused, an interrupted one resumes from its last
+    checkpoint; each run ends with its evaluation on the 3,000 pairs of LFW folds 6-10.
+  * ``attack``: white-box LOTS attacks on every run over the same fixed different-person pairs of
+    folds 6-10, black-box transfer from the single model, an adaptive attack on the ensembles
+    (``faceens.reproduce_attacks``); per-run results in ``--runs/<run>/suite_attacks``.
+  * ``report``: ``REPORT.md``, figures and ``results.json`` in ``--out``
+    (``faceens.reproduce_report``).
+
+``--smoke`` runs the whole pipeline on two methods with tiny models and a few steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import ml_collections
+
+from faceens import configs, losses, train
+
+SUITES = ("lfw",)
+STAGES = ("train", "attack", "report")
+ARCFACE_METHODS = ("single", "baseline", "adp", "fdp", "srv", "srv_adp", "srv_fdp", "advt")
+SMOKE_METHODS = ("single", "srv_fdp")
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+  """What one invocation compares: the runs, where they live, and the data."""
+  name: str
+  lfw: str
+  runs_dir: str
+  out: str
+  methods: tuple[str, ...]
+  loss: str = "arcface"
+  smoke: bool = False
+
+  def run_name(self, method: str) -> str:
+    return f"{self.loss}_{method}"
+
+  def workdir(self, method: str) -> str:
+    return os.path.join(self.runs_dir, self.run_name(method))
+
+
+def run_config(suite: Suite, method: str) -> ml_collections.ConfigDict:
+  """The ``lfw`` variant of ``experiments/<loss>_<method>.py`` on ``suite.lfw`` (tiny if smoke)."""
+  c = configs.method_config(method, suite.loss, "lfw")
+  c.data.root = suite.lfw
+  if suite.smoke:
+    c.data.image_size = 32
+    c.data.crop = (70, 70, 110, 110)
+    c.model.width = 0.125
+    c.model.blocks = (1, 1, 1, 1)
+    c.model.embedding_dim = 16
+    c.advt.iters = 1
+    c.train.batch_size = 8
+    c.train.steps = 4
+    c.train.log_every = 2
+    c.train.checkpoint_every = 2
+  configs.validate(c)
+  return c
+
+
+def is_trained(workdir: str, c) -> bool:
+  """A run is finished when its summary says it reached the configured number of steps and its
+  evaluation is written."""
+  path = os.path.join(workdir, "summary.json")
+  if not (os.path.isfile(path) and os.path.isfile(os.path.join(workdir, "eval.json"))):
+    return False
+  with open(path) as f:
+    s = json.load(f)
+  return s.get("steps") == c.train.steps and s.get("method") == c.method
+
+
+def cost_units(c) -> float:
+  """Relative training cost of a run (forward+backward passes of one member per image): K member
+  passes, plus MTER's ``advt.iters`` input-gradient passes and its second forward."""
+  units = float(c.ensemble.num_members)
+  if losses.method_spec(c.method).adversarial:
+    units += 0.7 * c.advt.iters + 1.0
+  return units * c.train.steps
+
+
+def estimate_seconds(suite: Suite) -> dict[str, float]:
+  """Seconds left per unfinished run, from the measured speed of the finished ones (or 1 s per
+  unit and step before any has finished)."""
+  done_s, done_u, todo = 0.0, 0.0, {}
+  for m in suite.methods:
+    c = run_config(suite, m)
+    w = suite.workdir(m)
+    if is_trained(w, c):
+      with open(os.path.join(w, "summary.json")) as f:
+        s = json.load(f)
+      if s.get("resumed_from") == 0:
+        done_s += s["train_seconds"]
+        done_u += cost_units(c)
+    else:
+      todo[m] = cost_units(c)
+  rate = done_s / done_u if done_u else 1.0 / 3
+  return {m: u * rate for m, u in todo.items()}
+
+
+def train_all(suite: Suite, progress: bool = True) -> dict[str, dict]:
+  """Trains (or reuses, or resumes) every run of the suite; ``{method: summary}``."""
+  summaries = {}
+  for i, m in enumerate(suite.methods):
+    c = run_config(suite, m)
+    w = suite.workdir(m)
+    if is_trained(w, c):
+      with open(os.path.join(w, "summary.json")) as f:
+        summaries[m] = json.load(f)
+      if progress:
+        print(f"[{i + 1}/{len(suite.methods)}] {suite.run_name(m)}: trained, reused ({w})",
+              flush=True)
+      continue
+    left = estimate_seconds(suite)
+    if progress:
+      print(f"[{i + 1}/{len(suite.methods)}] {suite.run_name(m)}: training in {w}; estimated "
+            f"{left[m] / 60:.0f} min for this run, {sum(left.values()) / 60:.0f} min for the "
+            f"{len(left)} runs left", flush=True)
+    t0 = time.perf_counter()
+    summaries[m] = train.train_and_evaluate(c, w, progress=progress)
+    if progress:
+      acc = summaries[m].get("eval", {}).get("lfw_test", {}).get("accuracy")
+      print(f"[{i + 1}/{len(suite.methods)}] {suite.run_name(m)}: done in "
+            f"{(time.perf_counter() - t0) / 60:.1f} min, test accuracy {acc}", flush=True)
+  return summaries
+
+
+def make_suite(name: str, lfw: str, runs_dir: str, out: str, methods: str | None,
+               smoke: bool) -> Suite:
+  if name not in SUITES:
+    raise ValueError(f"unknown --suite={name!r}; valid: {', '.join(SUITES)}")
+  if not lfw or not os.path.isfile(os.path.join(lfw, "pairs.txt")):
+    raise ValueError(f"--lfw={lfw!r} must be an LFW folder holding pairs.txt and images/ "
+                     "(LFW as distributed)")
+  default = SMOKE_METHODS if smoke else ARCFACE_METHODS
+  chosen = tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else default
+  for m in chosen:
+    if m not in ARCFACE_METHODS:
+      raise ValueError(f"unknown method {m!r} in --methods; valid: {', '.join(ARCFACE_METHODS)}")
+  return Suite(name, lfw, runs_dir, out, chosen, smoke=smoke)
+
+
+def main(argv):
+  from absl import flags
+  from absl import logging as absl_logging
+  del argv
+  FLAGS = flags.FLAGS
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  stages = [s.strip() for s in FLAGS.stages.split(",") if s.strip()]
+  try:
+    for s in stages:
+      if s not in STAGES:
+        raise ValueError(f"unknown stage {s!r} in --stages; valid: {', '.join(STAGES)}")
+    runs_dir = FLAGS.runs or os.path.join("runs", f"{FLAGS.suite}_suite" + ("_smoke" if FLAGS.smoke else ""))
+    suite = make_suite(FLAGS.suite, FLAGS.lfw, runs_dir, FLAGS.out, FLAGS.methods, FLAGS.smoke)
+    t0 = time.perf_counter()
+    if "train" in stages:
+      train_all(suite)
+    if "attack" in stages:
+      from faceens import reproduce_attacks
+      reproduce_attacks.attack_all(suite)
+    if "report" in stages:
+      from faceens import reproduce_report
+      path = reproduce_report.write_report(suite)
+      print(f"wrote {path}")
+    print(f"suite stages {','.join(stages)} took {(time.perf_counter() - t0) / 60:.1f} min")
+  except (ValueError, FileNotFoundError) as e:
+    raise SystemExit(f"error: {e}") from None
+
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string("suite", "lfw", "which comparison: " + ", ".join(SUITES))
+  flags.DEFINE_string("lfw", None, "LFW folder as distributed (images/, pairs.txt)")
+  flags.DEFINE_string("out", "reports/lfw", "report folder (REPORT.md, figures, results.json)")
+  flags.DEFINE_string("runs", None, "run directories (checkpoints; default runs/<suite>_suite)")
+  flags.DEFINE_string("methods", None, "comma-separated subset of: " + ", ".join(ARCFACE_METHODS))
+  flags.DEFINE_string("stages", ",".join(STAGES), "comma-separated: " + ", ".join(STAGES))
+  flags.DEFINE_bool("smoke", False, "two methods, tiny models, a few steps: the pipeline in minutes")
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)
