@@ -142,6 +142,69 @@ def run_batches(model, x_src, x_tgt, goal, cfg: lots.AttackConfig, *, batch_size
   return res
 
 
+COMPACTABLE = ("lots", "ifgsm", "bim")  # rules whose whole state is x: a chunk can resume them
+
+
+def bucket_size(n: int) -> int:
+  """The smallest power of four >= n (>= 4): few batch shapes, so few compilations."""
+  size = 4
+  while size < n:
+    size *= 4
+  return size
+
+
+def run_compacted(model, x_src, targets, goal, cfg: lots.AttackConfig, *, x_init=None,
+                  chunk: int = 8, max_batch: int = 256, progress: bool = True,
+                  desc: str = "attack") -> dict:
+  """``run_batches`` for the step rules whose state is the image alone (``COMPACTABLE``), paying
+  only for unfinished examples: the loop runs ``chunk`` iterations at a time, and after each chunk
+  the examples still running are packed into a batch of the next power of four (at most
+  ``max_batch``, so only a few shapes compile). An example's trajectory does not depend on the
+  others (the model is in inference mode), so results equal one long ``lots.attack`` loop: at a
+  chunk's end the next chunk first checks the goal at the same ``x``, exactly as the next
+  iteration of the long loop would.
+
+  ``targets``: ``[N, d]`` target embeddings (``objective="ensemble"``) or ``[K, N, d]``.
+  """
+  if cfg.method not in COMPACTABLE or cfg.restarts != 1:
+    raise ValueError(f"run_compacted needs a stateless rule ({', '.join(COMPACTABLE)}) without "
+                     f"restarts, got {cfg.method} with restarts={cfg.restarts}")
+  n = len(x_src)
+  goal = np.broadcast_to(np.asarray(goal, np.float32), (n,)).copy()
+  members = cfg.objective == "members"
+  x = np.array(x_src if x_init is None else x_init, np.float32)
+  iters = np.zeros(n, np.int64)
+  dist = np.full(n, np.inf, np.float32)
+  active = np.ones(n, bool)
+  done_iters = 0
+  t0 = time.perf_counter()
+  with tqdm(total=n, disable=not progress, unit="AX", desc=desc, dynamic_ncols=True) as bar:
+    while active.any() and done_iters < cfg.max_iters:
+      c = dataclasses.replace(cfg, max_iters=min(chunk, cfg.max_iters - done_iters))
+      idx = np.flatnonzero(active)
+      for s in range(0, len(idx), max_batch):
+        part = idx[s:s + max_batch]
+        size = min(max_batch, bucket_size(len(part)))
+        sel = np.concatenate([part, np.repeat(part[-1:], size - len(part))])
+        g = goal[sel].copy()
+        g[len(part):] = np.inf  # padding rows: done at once
+        tg = targets[:, sel] if members else targets[sel]
+        r = lots.attack(model.apply, model.variables, x_src[sel], tg, g, c, x_init=x[sel])
+        k = len(part)
+        x[part], dist[part] = r["x_adv"][:k], r["distance"][:k]
+        iters[part] += r["iterations"][:k]
+        finished = r["success"][:k] | (r["iterations"][:k] < c.max_iters)
+        active[part[finished]] = False
+        bar.update(int(finished.sum()))
+      done_iters += c.max_iters
+      bar.set_postfix(running=int(active.sum()), iteration=done_iters)
+  seconds = time.perf_counter() - t0
+  delta = (x - np.asarray(x_src, np.float32)).reshape(n, -1)
+  return {"x_adv": x, "success": dist < goal, "iterations": iters, "distance": dist,
+          "l2": np.linalg.norm(delta, axis=1), "linf": np.abs(delta).max(axis=1), "goal": goal,
+          "seconds": seconds, "compile_seconds": 0.0}
+
+
 def summarize(res: dict, cfg: lots.AttackConfig, name: str) -> dict:
   s = res["success"]
   it = res["iterations"]

@@ -232,3 +232,25 @@ def test_attack_cli_errors(tmp_path):
   r = subprocess.run([sys.executable, "-m", "faceens.attack", f"--workdir={tmp_path}",
                       "--method=fgsm"], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert r.returncode != 0 and "unknown attack method 'fgsm'" in r.stderr
+
+
+@pytest.mark.parametrize("method,objective", [("ifgsm", "ensemble"), ("bim", "members")])
+def test_compacted_loop_equals_one_long_loop(run_dir, method, objective):
+  """Chunks of a few iterations over the still-running examples only (faceens.attack.run_compacted)
+  give each example the same iterations, success and x_adv as one lax.while_loop over the batch."""
+  model = faceens.load(run_dir)
+  xs, xt = _faces(model, n=12, seed=2)
+  feats = model.member_features(xt)
+  t = feats if objective == "members" else feats.mean(0)
+  d0 = np.linalg.norm(model.embed(xs) - feats.mean(0), axis=1)
+  goal = np.linspace(0.5, 1.02, len(xs)) * d0  # a spread of iteration counts; the last: at once
+  cfg = lots.AttackConfig(method=method, objective=objective, step_size=0.5 / 255, epsilon=0.02,
+                          max_iters=45)
+  long = lots.attack(model.apply, model.variables, xs, t, goal, cfg)
+  short = attack_cli.run_compacted(model, xs, t, goal, cfg, chunk=4, progress=False)
+  assert len(set(long["iterations"].tolist())) > 3 and long["iterations"].max() > 8
+  np.testing.assert_array_equal(short["iterations"], long["iterations"])
+  np.testing.assert_array_equal(short["success"], long["success"])
+  np.testing.assert_allclose(short["x_adv"], long["x_adv"], atol=1e-6)
+  np.testing.assert_allclose(short["distance"], long["distance"], atol=1e-5)
+  np.testing.assert_allclose(short["l2"], long["l2"], atol=1e-5)
