@@ -143,24 +143,36 @@ def _summary(metrics: dict) -> dict:
   return {k: metrics[k] for k in keys}
 
 
-def evaluate_features(feats: np.ndarray, feats_flip: np.ndarray, pairs: np.ndarray,
-                      issame: np.ndarray, folds=None) -> dict:
-  """Metrics from normalised member features ``[K, N, d]`` of the images and their flips
-  (``folds``: a fold id per pair, else 10 contiguous folds)."""
+def pair_distances(feats: np.ndarray, feats_flip: np.ndarray, pairs: np.ndarray) -> dict:
+  """Per-pair distances under both protocols from normalised member features ``[K, N, d]`` of the
+  images and their flips: ``insightface`` (squared L2 of normalise(E(x) + E(flip x))), ``paper``
+  (Euclidean between ensemble embeddings E(x) = mean of member features, no flip), and the same
+  for each member (``members_insightface`` / ``members_paper``, ``[K, P]``)."""
   V = verification
-  ev = lambda d: V.evaluate(d, issame, folds=folds)  # noqa: E731
   feats, feats_flip = np.asarray(feats, np.float64), np.asarray(feats_flip, np.float64)
   a, b = pairs[:, 0], pairs[:, 1]
   ens = feats.mean(axis=0)
   emb = V.flip_embedding(ens, feats_flip.mean(axis=0))
-  out = ev(V.distances(emb[a], emb[b], "squared_l2"))
-  out["paper"] = _summary(ev(V.distances(ens[a], ens[b], "euclidean")))
+  flipped = [V.flip_embedding(f, ff) for f, ff in zip(feats, feats_flip)]
+  return {"insightface": V.distances(emb[a], emb[b], "squared_l2"),
+          "paper": V.distances(ens[a], ens[b], "euclidean"),
+          "members_insightface": np.stack([V.distances(e[a], e[b], "squared_l2") for e in flipped]),
+          "members_paper": np.stack([V.distances(f[a], f[b], "euclidean") for f in feats])}
+
+
+def evaluate_features(feats: np.ndarray, feats_flip: np.ndarray, pairs: np.ndarray,
+                      issame: np.ndarray, folds=None) -> dict:
+  """Metrics from normalised member features ``[K, N, d]`` of the images and their flips
+  (``folds``: a fold id per pair, else 10 contiguous folds)."""
+  ev = lambda d: verification.evaluate(d, issame, folds=folds)  # noqa: E731
+  d = pair_distances(feats, feats_flip, pairs)
+  out = ev(d["insightface"])
+  out["paper"] = _summary(ev(d["paper"]))
   out["members"] = []
-  for k in range(feats.shape[0]):
-    emb_k = V.flip_embedding(feats[k], feats_flip[k])
-    m = ev(V.distances(emb_k[a], emb_k[b], "squared_l2"))
+  for d_k, p_k in zip(d["members_insightface"], d["members_paper"]):
+    m = ev(d_k)
     m = _summary(m) | {"tar_at_far": m["tar_at_far"]}
-    m["paper"] = _summary(ev(V.distances(feats[k][a], feats[k][b], "euclidean")))
+    m["paper"] = _summary(ev(p_k))
     out["members"].append(m)
   return out
 

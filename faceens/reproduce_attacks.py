@@ -1,0 +1,285 @@
+"""The attack stage of ``faceens.reproduce``: the same attacks on every run of a suite.
+
+Per run (``<run>/suite_attacks/``, each file skipped when it exists with the same plan):
+
+  * ``test_pairs.npz``: the per-pair distances of LFW folds 6-10 under both protocols, the labels
+    and folds, so the report can recompute (and bootstrap) every accuracy;
+  * ``<attack>.npz`` / ``.json``: white-box LOTS on the fixed different-person attack pairs
+    (``attack_pairs``), goal = the run's own Euclidean threshold (the paper's protocol). Pairs the
+    run accepts as the same person before any perturbation are counted (``pre_accepted``) and not
+    attacked: they would put a jump at tau = 0 in the tau curves;
+  * ``transfer.json``: black-box transfer of I-FGSM examples crafted on the single model at fixed
+    feature distances (Amada et al. Fig. 4), the source's perturbation per distance (Fig. 5).
+
+The step sizes are chosen so that the median successful I-FGSM example on the single model takes
+tens of iterations (``Plan``): a sign step of 1/255 moves a 64x64x3 image by 0.43 in L2, and
+weak models fall in two such steps, which makes tau curves step functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+
+from faceens import api, attack, evaluate
+from faceens.attacks import lots
+from faceens.data import image_folder
+from faceens.data import lfw as lfw_data
+from faceens.data.pairs import load_pair_images
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Every attack setting of a suite (stored beside each result; a change reruns the attack)."""
+  n_pairs: int = 200
+  seed: int = 0
+  # Sign step 1/8160 (1/32 of a grey level): 0.0136 in L2 at 64x64x3. At 1/255 the single LFW
+  # model falls in a median of 1.5 steps, at 1/2040 of 7.5 (200 pairs, its own threshold).
+  step_size: float = 1.0 / 8160
+  epsilon: float = 0.1              # BIM L_inf radius (paper)
+  # 800 steps reach at most 800/8160 = 0.098 < epsilon in L_inf: the BIM projection can never
+  # act, so BIM equals I-FGSM step for step (derived, not rerun; see ``bim_equals_ifgsm``).
+  max_iters: int = 800
+  cw_lr: float = 0.01               # CW Adam rate in tanh space
+  cw_c: float = 0.1
+  cw_patience: int = 10
+  cw_max_iters: int = 100
+  chunk: int = 8                    # compacted loop: iterations between re-packing
+  distances: tuple[float, ...] = (1.2, 1.0, 0.8, 0.6, 0.4)  # black-box goals (Fig. 4 / 5)
+  # Run in this order (the costly ones last): CW's loop runs until its batch's slowest example.
+  white_box: tuple[str, ...] = ("ifgsm", "bim", "cw")
+  adaptive: str = "ifgsm:members"   # on ensembles: every member's feature pulled at once
+  batch_size: int = 256
+
+  def bim_equals_ifgsm(self) -> bool:
+    """True when no sign-step example can leave BIM's L_inf ball: the two rules coincide."""
+    return self.max_iters * self.step_size <= self.epsilon
+
+  def attack_config(self, name: str) -> lots.AttackConfig:
+    method, _, objective = name.partition(":")
+    cw = method == "cw"
+    return lots.AttackConfig(method=method, objective=objective or "ensemble",
+                             step_size=self.step_size, epsilon=self.epsilon,
+                             max_iters=self.cw_max_iters if cw else self.max_iters,
+                             cw_lr=self.cw_lr, cw_c=self.cw_c,
+                             cw_patience=self.cw_patience).validate()
+
+  def as_dict(self) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+SMOKE_PLAN = Plan(n_pairs=4, step_size=2.0 / 255, max_iters=12, cw_max_iters=12, chunk=4,
+                  distances=(1.0, 0.8), batch_size=16)  # 12 x 2/255 = 0.094: BIM derived too
+
+
+def file_name(attack_name: str) -> str:
+  return attack_name.replace(":", "_")
+
+
+def attack_pairs(suite, c, plan: Plan) -> dict:
+  """``plan.n_pairs`` different-person pairs of the suite's test folds (seeded, fixed for every
+  run): uint8 source and target images at the runs' input size, with LFW names and numbers."""
+  test_folds = [f - 1 for f in c.data.lfw_test_folds]
+  pairs = [p for p in lfw_data.read_pairs(os.path.join(suite.lfw, "pairs.txt"))
+           if p.fold in set(test_folds) and not p.same]
+  if plan.n_pairs > len(pairs):
+    raise ValueError(f"the plan asks for {plan.n_pairs} attack pairs; the test folds have "
+                     f"{len(pairs)} different-person pairs")
+  rng = np.random.default_rng(plan.seed)
+  chosen = [pairs[i] for i in np.sort(rng.choice(len(pairs), plan.n_pairs, replace=False))]
+  files = [[lfw_data.image_path(suite.lfw, p.name1, p.index1),
+            lfw_data.image_path(suite.lfw, p.name2, p.index2)] for p in chosen]
+  images, index = load_pair_images(files, c.data.image_size, image_folder.fit_spec(c))
+  return {"src": images[index[:, 0]], "tgt": images[index[:, 1]],
+          "names": [(p.name1, p.index1, p.name2, p.index2, p.fold + 1) for p in chosen]}
+
+
+def _load_json(path):
+  if os.path.isfile(path):
+    with open(path) as f:
+      return json.load(f)
+  return None
+
+
+def test_pair_distances(model, out_dir: str) -> str:
+  """``test_pairs.npz``: per-pair distances of the run's test set (both protocols, members)."""
+  path = os.path.join(out_dir, "test_pairs.npz")
+  if os.path.isfile(path):
+    return path
+  s = evaluate.lfw_test_set(model.config)
+  feats = model.member_features(s.images)
+  flips = model.member_features(s.images, flip=True)
+  d = evaluate.pair_distances(feats, flips, s.pairs)
+  np.savez_compressed(path, issame=s.issame, fold=s.folds + 1, **d)
+  return path
+
+
+def white_box(model, pairs: dict, plan: Plan, out_dir: str, names, progress: bool = True) -> dict:
+  """Runs each attack of ``names`` on ``model`` (skipping finished ones); ``{name: summary}``."""
+  x_src, x_tgt = model.prepare(pairs["src"]), model.prepare(pairs["tgt"])
+  feats_t = model.member_features(x_tgt)
+  emb_t = feats_t.mean(0)
+  d0 = np.linalg.norm(model.embed(x_src) - emb_t, axis=1)
+  thr = float(model.paper_threshold)
+  pre = d0 < thr
+  todo = np.flatnonzero(~pre)
+  out = {}
+  for name in names:
+    json_path = os.path.join(out_dir, f"{file_name(name)}.json")
+    old = _load_json(json_path)
+    if old is not None and old.get("plan") == plan.as_dict() and old.get("step") == model.step:
+      out[name] = old
+      continue
+    cfg = plan.attack_config(name)
+    if cfg.method == "bim" and plan.bim_equals_ifgsm() and "ifgsm" in out:
+      out[name] = _derive_bim(out["ifgsm"], cfg, out_dir, json_path)
+      continue
+    targets = feats_t if cfg.objective == "members" else emb_t
+    sub_t = targets[:, todo] if cfg.objective == "members" else targets[todo]
+    desc = f"{model.config.method} {name}"
+    if cfg.method in attack.COMPACTABLE:
+      r = attack.run_compacted(model, x_src[todo], sub_t, thr, cfg, chunk=plan.chunk,
+                               max_batch=plan.batch_size, progress=progress, desc=desc)
+    else:
+      r = _run_whole(model, x_src[todo], sub_t, thr, cfg, plan.batch_size)
+    n = len(x_src)
+    l2, success = np.full(n, np.nan), np.zeros(n, bool)
+    iters, dist, linf = np.zeros(n, np.int64), d0.copy(), np.full(n, np.nan)
+    l2[todo], success[todo], iters[todo] = r["l2"], r["success"], r["iterations"]
+    dist[todo], linf[todo] = r["distance"], r["linf"]
+    np.savez_compressed(os.path.join(out_dir, f"{file_name(name)}.npz"), l2=l2, success=success,
+                        iterations=iters, distance=dist, linf=linf, pre_accepted=pre,
+                        clean_distance=d0)
+    ok = success[todo]
+    it = iters[todo][ok]
+    summary = {
+        "attack": name, "config": dataclasses.asdict(cfg), "plan": plan.as_dict(),
+        "step": model.step, "threshold": thr, "pairs": int(n), "pre_accepted": int(pre.sum()),
+        "attacked": int(len(todo)), "success_rate": float(ok.mean()) if len(todo) else None,
+        "iterations_median": float(np.median(it)) if len(it) else None,
+        "iterations_max": int(iters.max()), "hit_cap": int(np.sum(iters[todo] >= cfg.max_iters)),
+        "l2_median": float(np.median(l2[todo][ok])) if ok.any() else None,
+        "linf_max": float(np.nanmax(linf[todo][ok])) if ok.any() else None,
+        "seconds": r["seconds"], "tau_curve": lots.tau_curve(l2[todo], ok)}
+    with open(json_path, "w") as f:
+      json.dump(summary, f, indent=2)
+    out[name] = summary
+    if progress:
+      print(f"  {name}: success {summary['success_rate']}, median iterations "
+            f"{summary['iterations_median']}, median L2 {summary['l2_median']}, "
+            f"{r['seconds']:.0f} s", flush=True)
+  return out
+
+
+def _derive_bim(ifgsm: dict, cfg, out_dir: str, json_path: str) -> dict:
+  """BIM's results when ``Plan.bim_equals_ifgsm``: I-FGSM's, with the reason recorded."""
+  src = os.path.join(out_dir, f"{file_name(ifgsm['attack'])}.npz")
+  with np.load(src) as z:
+    np.savez_compressed(os.path.join(out_dir, "bim.npz"), **dict(z))
+  summary = dict(ifgsm, attack="bim", config=dataclasses.asdict(cfg),
+                 derived_from="ifgsm: max_iters x step_size <= epsilon, so the L_inf projection "
+                              "never acts and BIM takes the same steps as I-FGSM")
+  with open(json_path, "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
+
+
+def _run_whole(model, x_src, targets, goal, cfg, batch_size):
+  """Step rules with state beyond x (CW): one ``lots.attack`` loop per batch, which runs until
+  its slowest example is done."""
+  members = cfg.objective == "members"
+  outs = []
+  t0 = time.perf_counter()
+  for i in range(0, len(x_src), batch_size):
+    sl = slice(i, i + batch_size)
+    outs.append(lots.attack(model.apply, model.variables, x_src[sl],
+                            targets[:, sl] if members else targets[sl], goal, cfg))
+  res = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+  res["seconds"] = time.perf_counter() - t0
+  return res
+
+
+def transfer(source, targets: dict, pairs: dict, plan: Plan, runs_dir: str,
+             progress: bool = True) -> dict:
+  """I-FGSM on ``source`` to each of ``plan.distances`` (largest first, each continuing from the
+  previous examples, as the paper's sets of growing effort), then each target run's verdict at
+  its own threshold. Results: ``runs_dir/transfer_from_<source>.json``."""
+  path = os.path.join(runs_dir, f"transfer_from_{source.config.method}.json")
+  old = _load_json(path)
+  if (old is not None and old.get("plan") == plan.as_dict()
+      and sorted(old.get("targets", {})) == sorted(targets)):
+    return old
+  x_src, x_tgt = source.prepare(pairs["src"]), source.prepare(pairs["tgt"])
+  emb_t = source.embed(x_tgt)
+  cfg = plan.attack_config("ifgsm")
+  tgt_emb = {m: t.embed(x_tgt) for m, t in targets.items()}
+  clean = {m: np.linalg.norm(t.embed(x_src) - tgt_emb[m], axis=1) < t.paper_threshold
+           for m, t in targets.items()}
+  x_cur, iters = None, np.zeros(len(x_src), np.int64)
+  points = []
+  for d in sorted(plan.distances, reverse=True):
+    r = attack.run_compacted(source, x_src, emb_t, d, cfg, x_init=x_cur, chunk=plan.chunk,
+                             max_batch=plan.batch_size, progress=progress,
+                             desc=f"transfer d<{d:g}")
+    x_cur = r["x_adv"]
+    iters = iters + r["iterations"]
+    ok = r["success"]
+    point = {"distance": d, "source_success_rate": float(ok.mean()),
+             "l2_mean": float(r["l2"][ok].mean()) if ok.any() else None,
+             "l2_median": float(np.median(r["l2"][ok])) if ok.any() else None,
+             "linf_mean": float(r["linf"][ok].mean()) if ok.any() else None,
+             "iterations_median": float(np.median(iters[ok])) if ok.any() else None,
+             "targets": {}}
+    for m, t in targets.items():
+      fooled = np.linalg.norm(t.embed(x_cur) - tgt_emb[m], axis=1) < t.paper_threshold
+      use = ok & ~clean[m]  # AXs that succeeded on the source, pairs the target did not accept
+      point["targets"][m] = {"transfer_rate": float(fooled[use].mean()) if use.any() else None,
+                             "n": int(use.sum()), "fooled": fooled.tolist(),
+                             "clean_accepted": int(clean[m].sum())}
+    point["success"] = ok.tolist()
+    points.append(point)
+  doc = {"source": source.workdir, "plan": plan.as_dict(), "attack": "ifgsm",
+         "targets": {m: t.workdir for m, t in targets.items()},
+         "thresholds": {m: float(t.paper_threshold) for m, t in targets.items()},
+         "points": sorted(points, key=lambda p: p["distance"])}
+  with open(path, "w") as f:
+    json.dump(doc, f, indent=2)
+  return doc
+
+
+def plan_for(suite) -> Plan:
+  return SMOKE_PLAN if suite.smoke else Plan()
+
+
+def attack_all(suite, trained: dict, progress: bool = True) -> None:
+  """The attack stage of ``faceens.reproduce``; ``trained``: ``{method: config}`` of the suite's
+  finished runs."""
+  if not trained:
+    raise ValueError(f"no trained run in {suite.runs_dir}; run the train stage first")
+  plan = plan_for(suite)
+  pairs = attack_pairs(suite, next(iter(trained.values())), plan)
+  models = {}
+  for i, m in enumerate(trained):
+    model = api.load(suite.workdir(m))
+    models[m] = model
+    out_dir = os.path.join(suite.workdir(m), "suite_attacks")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "pairs.json"), "w") as f:
+      json.dump({"pairs": pairs["names"], "seed": plan.seed}, f)
+    if progress:
+      print(f"[{i + 1}/{len(trained)}] attacks on {suite.run_name(m)}", flush=True)
+    test_pair_distances(model, out_dir)
+    names = [n for n in plan.white_box if n != "cw"]
+    if model.num_members > 1 and plan.adaptive:
+      names.append(plan.adaptive)
+    names += [n for n in plan.white_box if n == "cw"]
+    white_box(model, pairs, plan, out_dir, names, progress=progress)
+  if "single" in models:
+    if progress:
+      print("black-box transfer from the single model", flush=True)
+    transfer(models["single"], {m: v for m, v in models.items() if m != "single"}, pairs, plan,
+             suite.runs_dir, progress=progress)

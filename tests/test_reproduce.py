@@ -1,0 +1,92 @@
+"""faceens.reproduce --smoke end to end on a tiny LFW-layout folder of real faces."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from faceens import reproduce_report, verification
+from faceens.attacks import lots
+from tests.conftest import REPO
+from tests.test_lfw import make_lfw
+
+# 10 person-disjoint folds of one same-person and one different-person pair each: people P00-P09
+# appear in folds 1-5 only (the training people), P10-P19 in folds 6-10 (the test).
+PEOPLE20 = {f"P{i:02d}": 4 for i in range(20)}
+PAIRS20 = "10\t1\n" + "".join(f"P{2 * f:02d}\t1\t2\nP{2 * f:02d}\t3\tP{2 * f + 1:02d}\t1\n"
+                              for f in range(10))
+
+
+def _run(args, cwd):
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  return subprocess.run([sys.executable, "-m", "faceens.reproduce", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=900)
+
+
+def test_smoke_suite_end_to_end_and_resumable(tmp_path):
+  root = make_lfw(tmp_path / "lfw", PEOPLE20, PAIRS20)
+  out, runs = tmp_path / "report", tmp_path / "runs"
+  args = ["--smoke", f"--lfw={root}", f"--out={out}", f"--runs={runs}"]
+  r = _run(args, tmp_path)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  report = (out / "REPORT.md").read_text()
+  for claim in ("SRV alone improves robustness", "SRV+FDP is the most robust",
+                "Transfer from the single model is lowest to SRV+FDP"):
+    assert claim in report
+  assert "not trained yet: baseline" not in report  # the smoke suite is single and SRV+FDP
+  res = json.loads((out / "results.json").read_text())
+  assert set(res["methods"]) == {"single", "srv_fdp"}
+  for m, entry in res["methods"].items():
+    # The accuracy is recomputable from the stored per-pair distances (official folds).
+    tp = entry["test_pairs"]
+    acc = verification.kfold_accuracy(np.array(tp["insightface"]), np.array(tp["issame"], bool),
+                                      folds=np.array(tp["fold"]))[0]
+    with open(runs / f"arcface_{m}" / "eval.json") as f:
+      assert np.isclose(acc, json.load(f)["datasets"]["lfw_test"]["accuracy"], atol=1e-9)
+    assert len(tp["issame"]) == 10 and set(tp["fold"]) == {6, 7, 8, 9, 10}
+    want = {"ifgsm", "bim", "cw"} | ({"ifgsm:members"} if m == "srv_fdp" else set())
+    assert set(entry["attacks"]) == want
+    a = entry["attacks"]["ifgsm"]
+    pp = a["per_pair"]
+    assert len(pp["l2"]) == 4 and a["pre_accepted"] == sum(pp["pre_accepted"])
+    attacked = ~np.array(pp["pre_accepted"], bool)
+    l2 = np.array([np.nan if v is None else v for v in pp["l2"]])
+    # The stored tau curve is Eq. 1 of the stored per-pair results.
+    np.testing.assert_allclose(
+        np.array(a["tau_curve"]),
+        np.array(lots.tau_curve(l2[attacked], np.array(pp["success"], bool)[attacked])), atol=1e-4)
+    assert entry["attacks"]["bim"]["derived_from"].startswith("ifgsm")
+  assert res["transfer"] is not None and set(res["transfer"]["targets"]) == {"srv_fdp"}
+  assert os.path.isfile(out / "tau_ifgsm.png") and os.path.isfile(out / "transfer.png")
+
+  # A second invocation reuses every run and attack: nothing is recomputed.
+  stamp = {p: os.path.getmtime(p) for p in runs.rglob("*.npz")}
+  r = _run(args, tmp_path)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stdout.count("trained, reused") == 2
+  assert {p: os.path.getmtime(p) for p in runs.rglob("*.npz")} == stamp
+
+
+def test_paired_difference_against_hand_computation():
+  a = np.array([1.0, 2.0, np.inf, np.nan, 4.0])
+  b = np.array([0.5, 1.0, 1.0, 3.0, np.nan])
+  d = reproduce_report.paired_difference(a, b, n=200)
+  # Pairs 0-2 are attacked by both: medians 2.0 and 1.0.
+  assert d["n"] == 3 and d["difference"] == 1.0
+  assert d["lo"] <= 1.0 <= d["hi"]
+  acc, lo, hi = reproduce_report.bootstrap_accuracy(
+      np.array([0.1, 0.2, 0.9, 0.8, 0.15, 0.95]), np.array([1, 1, 0, 0, 1, 0], bool),
+      np.array([1, 1, 1, 2, 2, 2]), n=50)
+  assert acc == 1.0 and lo <= acc <= hi
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path):
+  r = _run(["--lfw=" + str(tmp_path / "none"), "--stages=train"], tmp_path)
+  assert r.returncode != 0 and "must be an LFW folder holding pairs.txt" in r.stderr
+  root = make_lfw(tmp_path / "lfw", PEOPLE20, PAIRS20)
+  r = _run([f"--lfw={root}", "--methods=single,foo"], tmp_path)
+  assert "unknown method 'foo'" in r.stderr and "Traceback" not in r.stderr
+  r = _run([f"--lfw={root}", "--stages=train,plot"], tmp_path)
+  assert "unknown stage 'plot'" in r.stderr
