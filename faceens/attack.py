@@ -142,9 +142,6 @@ def run_batches(model, x_src, x_tgt, goal, cfg: lots.AttackConfig, *, batch_size
   return res
 
 
-COMPACTABLE = ("lots", "ifgsm", "bim")  # rules whose whole state is x: a chunk can resume them
-
-
 def bucket_size(n: int) -> int:
   """The smallest power of four >= n (>= 4): few batch shapes, so few compilations."""
   size = 4
@@ -154,55 +151,72 @@ def bucket_size(n: int) -> int:
 
 
 def run_compacted(model, x_src, targets, goal, cfg: lots.AttackConfig, *, x_init=None,
-                  chunk: int = 8, max_batch: int = 256, progress: bool = True,
+                  chunk: int = 8, max_batch: int = 256, seed: int = 0, progress: bool = True,
                   desc: str = "attack") -> dict:
-  """``run_batches`` for the step rules whose state is the image alone (``COMPACTABLE``), paying
-  only for unfinished examples: the loop runs ``chunk`` iterations at a time, and after each chunk
-  the examples still running are packed into a batch of the next power of four (at most
-  ``max_batch``, so only a few shapes compile). An example's trajectory does not depend on the
-  others (the model is in inference mode), so results equal one long ``lots.attack`` loop: at a
-  chunk's end the next chunk first checks the goal at the same ``x``, exactly as the next
-  iteration of the long loop would.
+  """``run_batches`` paying only for unfinished examples: the loop runs ``chunk`` iterations at
+  a time, and after each chunk the examples still running are packed, with their whole loop
+  state (``lots.init_state``: x, CW's Adam moments and best iterate, MI-FGSM's momentum), into
+  a batch of the next power of four (at most ``max_batch``, so only a few shapes compile). An
+  example's iterations depend on its own state only (the model is in inference mode), so each
+  example gets the iterations, success and ``x_adv`` of one uninterrupted ``lots.attack`` loop.
 
   ``targets``: ``[N, d]`` target embeddings (``objective="ensemble"``) or ``[K, N, d]``.
   """
-  if cfg.method not in COMPACTABLE or cfg.restarts != 1:
-    raise ValueError(f"run_compacted needs a stateless rule ({', '.join(COMPACTABLE)}) without "
-                     f"restarts, got {cfg.method} with restarts={cfg.restarts}")
+  cfg.validate()
+  if cfg.restarts != 1:
+    raise ValueError("run_compacted runs one start per example; use run_batches for restarts")
   n = len(x_src)
+  x_src = np.asarray(x_src, np.float32)
   goal = np.broadcast_to(np.asarray(goal, np.float32), (n,)).copy()
   members = cfg.objective == "members"
-  x = np.array(x_src if x_init is None else x_init, np.float32)
-  iters = np.zeros(n, np.int64)
+  take = lambda t, i: t[:, i] if members else t[i]  # noqa: E731
+  x0 = x_src if x_init is None else np.asarray(x_init, np.float32)
+  variables, apply = model.variables, model.apply
+  t0 = time.perf_counter()
+  # Initial states in batches of max_batch (CW evaluates the start; PGD draws its start).
+  states = []
+  for i in range(0, n, max_batch):
+    sl = np.arange(i, min(n, i + max_batch))
+    sel = _pad_index(sl, min(max_batch, bucket_size(len(sl))))
+    st = lots.init_jit(apply, variables, x_src[sel], x0[sel], take(targets, sel), goal[sel],
+                       jax.random.fold_in(jax.random.PRNGKey(seed), i), cfg)
+    states.append(jax.tree.map(lambda a: np.asarray(a)[:len(sl)], st))
+  state = jax.tree.map(lambda *a: np.concatenate(a), *states)
+  x_adv, iters = np.array(x0), np.zeros(n, np.int64)
   dist = np.full(n, np.inf, np.float32)
   active = np.ones(n, bool)
   done_iters = 0
-  t0 = time.perf_counter()
   with tqdm(total=n, disable=not progress, unit="AX", desc=desc, dynamic_ncols=True) as bar:
     while active.any() and done_iters < cfg.max_iters:
       c = dataclasses.replace(cfg, max_iters=min(chunk, cfg.max_iters - done_iters))
       idx = np.flatnonzero(active)
       for s in range(0, len(idx), max_batch):
         part = idx[s:s + max_batch]
-        size = min(max_batch, bucket_size(len(part)))
-        sel = np.concatenate([part, np.repeat(part[-1:], size - len(part))])
-        g = goal[sel].copy()
-        g[len(part):] = np.inf  # padding rows: done at once
-        tg = targets[:, sel] if members else targets[sel]
-        r = lots.attack(model.apply, model.variables, x_src[sel], tg, g, c, x_init=x[sel])
+        sel = _pad_index(part, min(max_batch, bucket_size(len(part))))
+        sub = jax.tree.map(lambda a: a[sel], state)
+        sub, (xa, it, d, fin) = lots.chunk_jit(apply, variables, x_src[sel], sub,
+                                               take(targets, sel), goal[sel], c)
         k = len(part)
-        x[part], dist[part] = r["x_adv"][:k], r["distance"][:k]
-        iters[part] += r["iterations"][:k]
-        finished = r["success"][:k] | (r["iterations"][:k] < c.max_iters)
+        sub = jax.tree.map(lambda a: np.asarray(a)[:k], sub)
+        for leaf, new in zip(jax.tree.leaves(state), jax.tree.leaves(sub)):
+          leaf[part] = new
+        x_adv[part], iters[part] = np.asarray(xa)[:k], np.asarray(it)[:k]
+        dist[part] = np.asarray(d)[:k]
+        finished = np.asarray(fin)[:k]
         active[part[finished]] = False
         bar.update(int(finished.sum()))
       done_iters += c.max_iters
       bar.set_postfix(running=int(active.sum()), iteration=done_iters)
   seconds = time.perf_counter() - t0
-  delta = (x - np.asarray(x_src, np.float32)).reshape(n, -1)
-  return {"x_adv": x, "success": dist < goal, "iterations": iters, "distance": dist,
+  delta = (x_adv - x_src).reshape(n, -1)
+  return {"x_adv": x_adv, "success": dist < goal, "iterations": iters, "distance": dist,
           "l2": np.linalg.norm(delta, axis=1), "linf": np.abs(delta).max(axis=1), "goal": goal,
           "seconds": seconds, "compile_seconds": 0.0}
+
+
+def _pad_index(idx: np.ndarray, size: int) -> np.ndarray:
+  """``idx`` padded to ``size`` by repeating its last entry (padding rows are discarded)."""
+  return np.concatenate([idx, np.repeat(idx[-1:], size - len(idx))])
 
 
 def summarize(res: dict, cfg: lots.AttackConfig, name: str) -> dict:

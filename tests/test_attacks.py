@@ -234,10 +234,12 @@ def test_attack_cli_errors(tmp_path):
   assert r.returncode != 0 and "unknown attack method 'fgsm'" in r.stderr
 
 
-@pytest.mark.parametrize("method,objective", [("ifgsm", "ensemble"), ("bim", "members")])
+@pytest.mark.parametrize("method,objective", [("ifgsm", "ensemble"), ("bim", "members"),
+                                              ("cw", "ensemble"), ("mifgsm", "ensemble")])
 def test_compacted_loop_equals_one_long_loop(run_dir, method, objective):
   """Chunks of a few iterations over the still-running examples only (faceens.attack.run_compacted)
-  give each example the same iterations, success and x_adv as one lax.while_loop over the batch."""
+  give each example the same iterations, success and x_adv as one lax.while_loop over the batch,
+  also for the rules with state beyond x (CW's Adam moments, best iterate and c; momentum)."""
   model = faceens.load(run_dir)
   xs, xt = _faces(model, n=12, seed=2)
   feats = model.member_features(xt)
@@ -245,10 +247,11 @@ def test_compacted_loop_equals_one_long_loop(run_dir, method, objective):
   d0 = np.linalg.norm(model.embed(xs) - feats.mean(0), axis=1)
   goal = np.linspace(0.5, 1.02, len(xs)) * d0  # a spread of iteration counts; the last: at once
   cfg = lots.AttackConfig(method=method, objective=objective, step_size=0.5 / 255, epsilon=0.02,
-                          max_iters=45)
+                          max_iters=45, cw_lr=0.002, cw_patience=3)
   long = lots.attack(model.apply, model.variables, xs, t, goal, cfg)
   short = attack_cli.run_compacted(model, xs, t, goal, cfg, chunk=4, progress=False)
-  assert len(set(long["iterations"].tolist())) > 3 and long["iterations"].max() > 8
+  assert len(set(long["iterations"].tolist())) > 3 and long["iterations"].max() > 8, long
+  assert long["success"].sum() > 3
   np.testing.assert_array_equal(short["iterations"], long["iterations"])
   np.testing.assert_array_equal(short["success"], long["success"])
   np.testing.assert_allclose(short["x_adv"], long["x_adv"], atol=1e-6)

@@ -102,45 +102,57 @@ def make_losses(features: Callable, targets, objective: str):
   return losses
 
 
-def run_loop(losses, x_src, x0, goal, cfg: AttackConfig, key):
-  """The while loop; returns ``(x_adv, iterations, dist)`` with dist measured at x_adv."""
+def init_state(losses, x_src, x0, goal, cfg: AttackConfig, key):
+  """The per-example loop state ``(x, done, iterations, aux)`` before the first iteration; every
+  array has the batch as its leading axis, so a subset of examples can be resumed alone."""
+  b = x_src.shape[0]
+  if cfg.method == "pgd":
+    lo, hi = _ball(x_src, cfg)
+    x0 = jnp.clip(x0 + jax.random.uniform(key, x0.shape, x0.dtype, -cfg.epsilon, cfg.epsilon),
+                  lo, hi)
+  done0 = jnp.zeros((b,), bool)  # sign-type rules: found done at the top of the first iteration
+  if cfg.method == "cw":
+    w0 = jnp.arctanh(jnp.clip(2.0 * x0 - 1.0, -1 + 1e-6, 1 - 1e-6))
+    _, d0 = losses(x0)
+    ok0 = d0 < goal
+    # (w, Adam m, Adam v, best successful x, its L2^2, iterations since it improved, c)
+    aux0 = (w0, jnp.zeros_like(w0), jnp.zeros_like(w0), x0,
+            jnp.where(ok0, jnp.sum(jnp.square(x0 - x_src), axis=_rest(x0)), jnp.inf),
+            jnp.zeros((b,), jnp.int32), jnp.full((b,), cfg.cw_c, x0.dtype))
+    done0 = ok0 & (cfg.cw_patience == 0)
+  elif cfg.method == "mifgsm":
+    aux0 = (jnp.zeros_like(x0),)
+  else:
+    aux0 = ()
+  return (x0, done0, jnp.zeros((b,), jnp.int32), aux0)
+
+
+def _rest(a):
+  return tuple(range(1, a.ndim))
+
+
+def _ball(x_src, cfg):
+  return jnp.clip(x_src - cfg.epsilon, 0.0, 1.0), jnp.clip(x_src + cfg.epsilon, 0.0, 1.0)
+
+
+def run_state(losses, x_src, state, goal, cfg: AttackConfig):
+  """Up to ``cfg.max_iters`` more iterations from ``state`` (``init_state``); the new state.
+  Iterations of one example depend on its own state only: resuming a subset gives each of its
+  examples the iterations an uninterrupted loop would."""
   def grad_and_dist(x):
     # One forward and backward pass gives the step direction and the current distance.
     loss, vjp, dist = jax.vjp(losses, x, has_aux=True)
     return vjp(jnp.ones_like(loss))[0], dist
 
-  b = x_src.shape[0]
-  lo = jnp.clip(x_src - cfg.epsilon, 0.0, 1.0)
-  hi = jnp.clip(x_src + cfg.epsilon, 0.0, 1.0)
+  lo, hi = _ball(x_src, cfg)
   projected = cfg.method in ("bim", "pgd")
-  if cfg.method == "pgd":
-    x0 = jnp.clip(x0 + jax.random.uniform(key, x0.shape, x0.dtype, -cfg.epsilon, cfg.epsilon),
-                  lo, hi)
-  reduce = lambda a: tuple(range(1, a.ndim))  # noqa: E731
-  if cfg.method == "cw":
-    w0 = jnp.arctanh(jnp.clip(2.0 * x0 - 1.0, -1 + 1e-6, 1 - 1e-6))
-    # (w, Adam m, Adam v, best successful x, its L2^2, iterations since it improved)
-    aux0 = (w0, jnp.zeros_like(w0), jnp.zeros_like(w0), x0, jnp.full((b,), jnp.inf, x0.dtype),
-            jnp.zeros((b,), jnp.int32), jnp.full((b,), cfg.cw_c, x0.dtype))
-  elif cfg.method == "mifgsm":
-    aux0 = (jnp.zeros_like(x0),)
-  else:
-    aux0 = ()
-  done0 = jnp.zeros((b,), bool)  # sign-type rules: found done at the top of the first iteration
-  if cfg.method == "cw":
-    _, d0 = losses(x0)
-    done0 = d0 < goal
-    first = done0 & (cfg.cw_patience == 0)
-    aux0 = aux0[:4] + (jnp.where(done0, jnp.sum(jnp.square(x0 - x_src), axis=reduce(x0)),
-                                 aux0[4]),) + aux0[5:]
-    done0 = first
 
   def cond(s):
-    i, _, done, *_ = s
+    i, (_, done, _, _) = s
     return (i < cfg.max_iters) & ~jnp.all(done)
 
   def body(s):
-    i, x, done, iters, aux = s
+    i, (x, done, iters, aux) = s
     if cfg.method != "cw":
       g, dist = grad_and_dist(x)
       done = done | (dist < goal)
@@ -151,7 +163,7 @@ def run_loop(losses, x_src, x0, goal, cfg: AttackConfig, key):
       def cw_loss(w):
         xw = 0.5 * (jnp.tanh(w) + 1.0)
         _, dist = losses(xw)
-        l2 = jnp.sum(jnp.square(xw - x_src), axis=tuple(range(1, x.ndim)))
+        l2 = jnp.sum(jnp.square(xw - x_src), axis=_rest(x))
         return l2 + c_w * jnp.maximum(jnp.square(dist / goal) - 1.0, 0.0)
 
       _, g = _per_example(cw_loss)(w)
@@ -166,11 +178,11 @@ def run_loop(losses, x_src, x0, goal, cfg: AttackConfig, key):
       x_new = 0.5 * (jnp.tanh(w2) + 1.0)
     else:
       if cfg.method == "lots":
-        scale = jnp.max(jnp.abs(g), axis=tuple(range(1, g.ndim)), keepdims=True)
+        scale = jnp.max(jnp.abs(g), axis=_rest(g), keepdims=True)
         step = g / jnp.maximum(scale, 1e-30)
         new_aux = aux
       elif cfg.method == "mifgsm":
-        l1 = jnp.sum(jnp.abs(g), axis=tuple(range(1, g.ndim)), keepdims=True)
+        l1 = jnp.sum(jnp.abs(g), axis=_rest(g), keepdims=True)
         mom = cfg.momentum * aux[0] + g / jnp.maximum(l1, 1e-30)
         new_aux = (jnp.where(_bcast(active, mom), mom, aux[0]),)
         step = jnp.sign(mom)
@@ -183,7 +195,7 @@ def run_loop(losses, x_src, x0, goal, cfg: AttackConfig, key):
     iters = iters + active.astype(jnp.int32)
     if cfg.method == "cw":
       _, dist = losses(x)
-      l2 = jnp.sum(jnp.square(x - x_src), axis=reduce(x))
+      l2 = jnp.sum(jnp.square(x - x_src), axis=_rest(x))
       better = active & (dist < goal) & (l2 < best_l2)
       best_x = jnp.where(_bcast(better, x), x, best_x)
       best_l2 = jnp.where(better, l2, best_l2)
@@ -194,20 +206,50 @@ def run_loop(losses, x_src, x0, goal, cfg: AttackConfig, key):
       c_w = jnp.where(stuck, c_w * 10.0, c_w)
       new_aux = (w2, m2, v2, best_x, best_l2, since, c_w)
       done = done | (jnp.isfinite(best_l2) & (since >= cfg.cw_patience))
-    return i + 1, x, done, iters, new_aux
+    return i + 1, (x, done, iters, new_aux)
 
-  init = (jnp.zeros((), jnp.int32), x0, done0, jnp.zeros((b,), jnp.int32), aux0)
-  _, x_adv, _, iters, aux = jax.lax.while_loop(cond, body, init)
+  _, state = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state))
+  return state
+
+
+def finish(losses, state, goal, cfg: AttackConfig):
+  """``(x_adv, iterations, dist, finished)`` of a state: CW's result is its best successful
+  iterate; ``finished``: the example needs no further iteration (done, or at its goal)."""
+  x_adv, done, iters, aux = state
   if cfg.method == "cw":
     x_adv = jnp.where(_bcast(jnp.isfinite(aux[4]), x_adv), aux[3], x_adv)
   _, dist = losses(x_adv)
-  return x_adv, iters, dist
+  finished = done if cfg.method == "cw" else done | (dist < goal)
+  return x_adv, iters, dist, finished
+
+
+def run_loop(losses, x_src, x0, goal, cfg: AttackConfig, key):
+  """The whole attack as one while loop; returns ``(x_adv, iterations, dist)`` with dist
+  measured at x_adv."""
+  state = run_state(losses, x_src, init_state(losses, x_src, x0, goal, cfg, key), goal, cfg)
+  return finish(losses, state, goal, cfg)[:3]
 
 
 @functools.partial(jax.jit, static_argnames=("apply", "cfg"))
 def _attack_jit(apply, variables, x_src, x0, targets, goal, key, cfg):
   losses = make_losses(lambda x: apply(variables, x), targets, cfg.objective)
   return run_loop(losses, x_src, x0, goal, cfg, key)
+
+
+@functools.partial(jax.jit, static_argnames=("apply", "cfg"))
+def init_jit(apply, variables, x_src, x0, targets, goal, key, cfg):
+  """``init_state`` for ``apply`` (see ``attack``)."""
+  losses = make_losses(lambda x: apply(variables, x), targets, cfg.objective)
+  return init_state(losses, x_src, x0, goal, cfg, key)
+
+
+@functools.partial(jax.jit, static_argnames=("apply", "cfg"))
+def chunk_jit(apply, variables, x_src, state, targets, goal, cfg):
+  """``cfg.max_iters`` more iterations of ``state``; ``(state, (x_adv, iterations, dist,
+  finished))``."""
+  losses = make_losses(lambda x: apply(variables, x), targets, cfg.objective)
+  state = run_state(losses, x_src, state, goal, cfg)
+  return state, finish(losses, state, goal, cfg)
 
 
 def attack(apply, variables, x_src, targets, goal, cfg: AttackConfig, *, x_init=None, key=None,
