@@ -72,15 +72,36 @@ def run_config(suite: Suite, method: str) -> ml_collections.ConfigDict:
   return c
 
 
+def _recipe(c) -> dict:
+  """The settings that make a run what it is: the config without the data path (runs move) and,
+  for methods without adversarial training, without the unused MTER settings."""
+  d = json.loads(c.to_json_best_effort())
+  d["data"].pop("root", None)
+  if not losses.method_spec(c.method).adversarial:
+    d.pop("advt", None)
+  return d
+
+
 def is_trained(workdir: str, c) -> bool:
   """A run is finished when its summary says it reached the configured number of steps and its
-  evaluation is written."""
+  evaluation is written. A finished run trained with other settings is an error (a suite never
+  mixes recipes)."""
   path = os.path.join(workdir, "summary.json")
   if not (os.path.isfile(path) and os.path.isfile(os.path.join(workdir, "eval.json"))):
     return False
   with open(path) as f:
     s = json.load(f)
-  return s.get("steps") == c.train.steps and s.get("method") == c.method
+  done = s.get("steps") == c.train.steps and s.get("method") == c.method
+  if done:
+    old, new = _recipe(configs.load_run_config(workdir)), _recipe(c)
+    if old != new:
+      diff = sorted(f"{k}.{kk}" if isinstance(v, dict) else k for k, v in new.items()
+                    for kk in (v if isinstance(v, dict) else [None])
+                    if (old.get(k) != v if not isinstance(v, dict)
+                        else (old.get(k) or {}).get(kk) != v[kk]))
+      raise ValueError(f"{workdir} was trained with other settings ({', '.join(diff)}); give "
+                       "this suite another --runs folder")
+  return done
 
 
 def cost_units(c) -> float:

@@ -81,8 +81,11 @@ def paired_difference(a: np.ndarray, b: np.ndarray, n: int = BOOTSTRAP, seed: in
   with np.errstate(invalid="ignore"):
     diffs = np.median(a[idx], axis=1) - np.median(b[idx], axis=1)
     diff = float(np.median(a) - np.median(b))
-  lo, hi = np.nanpercentile(diffs, [2.5, 97.5]) if np.isfinite(diffs).any() else (np.nan, np.nan)
-  return {"n": int(len(a)), "difference": diff, "lo": float(lo), "hi": float(hi)}
+  # Both medians infinite (both beyond the iteration cap): no difference to tell.
+  diffs = np.sort(np.where(np.isnan(diffs), 0.0, diffs))
+  lo, hi = diffs[int(0.025 * n)], diffs[int(np.ceil(0.975 * n)) - 1]  # order statistics: inf-safe
+  return {"n": int(len(a)), "difference": 0.0 if np.isnan(diff) else diff, "lo": float(lo),
+          "hi": float(hi)}
 
 
 def collect(suite) -> dict:
@@ -98,7 +101,7 @@ def collect(suite) -> dict:
          "test_pairs": _load(os.path.join(att, "test_pairs.npz")), "attacks": {}}
     for a in names:
       j, z = (_load(os.path.join(att, f"{file_name(a)}.{ext}")) for ext in ("json", "npz"))
-      if j is not None and z is not None and j.get("plan") == plan.as_dict():
+      if j is not None and z is not None and j.get("key") == plan.key(a):
         r["attacks"][a] = {"summary": j, "pairs": z}
     out[m] = r
   return out
@@ -256,7 +259,8 @@ def write_report(suite) -> str:
   plan = plan_for(suite)
   data = collect(suite)
   transfer = _load(os.path.join(suite.runs_dir, "transfer_from_single.json"))
-  if transfer is not None and transfer.get("plan") != plan.as_dict():
+  if transfer is not None and transfer.get("key") != dict(plan.key("ifgsm"),
+                                                        distances=list(plan.distances)):
     transfer = None
   acc = accuracy_rows(data)
   attacks = list(plan.white_box) + [plan.adaptive]
