@@ -194,51 +194,74 @@ def _derive_bim(ifgsm: dict, cfg, plan: Plan, out_dir: str, json_path: str) -> d
   return summary
 
 
-def transfer(source, targets: dict, pairs: dict, plan: Plan, runs_dir: str,
-             progress: bool = True) -> dict:
+def craft_transfer_set(source, pairs: dict, plan: Plan, runs_dir: str,
+                       progress: bool = True) -> dict:
   """I-FGSM on ``source`` to each of ``plan.distances`` (largest first, each continuing from the
-  previous examples, as the paper's sets of growing effort), then each target run's verdict at
-  its own threshold. Results: ``runs_dir/transfer_from_<source>.json``."""
-  path = os.path.join(runs_dir, f"transfer_from_{source.config.method}.json")
-  old = _load_json(path)
-  key = dict(plan.key("ifgsm"), distances=list(plan.distances))
-  if (old is not None and old.get("key") == key
-      and sorted(old.get("targets", {})) == sorted(targets)):
-    return old
+  previous examples, as the paper's sets of growing effort). Kept in
+  ``runs_dir/transfer_from_<method>.npz`` (reused while the pairs and settings match), so that a
+  run trained later only needs its embeddings."""
+  path = os.path.join(runs_dir, f"transfer_from_{source.config.method}.npz")
+  key = json.dumps(dict(plan.key("ifgsm"), distances=list(plan.distances),
+                        source_step=source.step), sort_keys=True)
+  if os.path.isfile(path):
+    with np.load(path) as z:
+      if str(z["key"]) == key:
+        return {k: z[k] for k in z.files}
   x_src, x_tgt = source.prepare(pairs["src"]), source.prepare(pairs["tgt"])
   emb_t = source.embed(x_tgt)
   cfg = plan.attack_config("ifgsm")
-  tgt_emb = {m: t.embed(x_tgt) for m, t in targets.items()}
-  clean = {m: np.linalg.norm(t.embed(x_src) - tgt_emb[m], axis=1) < t.paper_threshold
-           for m, t in targets.items()}
   x_cur, iters = None, np.zeros(len(x_src), np.int64)
-  points = []
-  for d in sorted(plan.distances, reverse=True):
-    r = attack.run_compacted(source, x_src, emb_t, d, cfg, x_init=x_cur, chunk=plan.chunk,
-                             max_batch=plan.batch_size, progress=progress,
+  out = {"key": np.asarray(key), "distances": np.sort(np.asarray(plan.distances))[::-1]}
+  xs, ok, l2, linf, its = [], [], [], [], []
+  for d in out["distances"]:
+    r = attack.run_compacted(source, x_src, emb_t, float(d), cfg, x_init=x_cur,
+                             chunk=plan.chunk, max_batch=plan.batch_size, progress=progress,
                              desc=f"transfer d<{d:g}")
     x_cur = r["x_adv"]
     iters = iters + r["iterations"]
-    ok = r["success"]
-    point = {"distance": d, "source_success_rate": float(ok.mean()),
-             "l2_mean": float(r["l2"][ok].mean()) if ok.any() else None,
-             "l2_median": float(np.median(r["l2"][ok])) if ok.any() else None,
-             "linf_mean": float(r["linf"][ok].mean()) if ok.any() else None,
-             "iterations_median": float(np.median(iters[ok])) if ok.any() else None,
-             "targets": {}}
+    xs.append(x_cur)
+    ok.append(r["success"])
+    l2.append(r["l2"])
+    linf.append(r["linf"])
+    its.append(iters.copy())
+  out.update(x_adv=np.stack(xs), success=np.stack(ok), l2=np.stack(l2), linf=np.stack(linf),
+             iterations=np.stack(its))
+  np.savez(path, **out)
+  return out
+
+
+def transfer(source, targets: dict, pairs: dict, plan: Plan, runs_dir: str,
+             progress: bool = True) -> dict:
+  """Each target run's verdict, at its own threshold, on the examples crafted on ``source``
+  (``craft_transfer_set``). Results: ``runs_dir/transfer_from_<source>.json``."""
+  crafted = craft_transfer_set(source, pairs, plan, runs_dir, progress)
+  x_src, x_tgt = source.prepare(pairs["src"]), source.prepare(pairs["tgt"])
+  points = []
+  clean, tgt_emb = {}, {}
+  for m, t in targets.items():
+    tgt_emb[m] = t.embed(x_tgt)
+    clean[m] = np.linalg.norm(t.embed(x_src) - tgt_emb[m], axis=1) < t.paper_threshold
+  for j, d in enumerate(crafted["distances"]):
+    ok, l2, linf = crafted["success"][j], crafted["l2"][j], crafted["linf"][j]
+    its = crafted["iterations"][j]
+    point = {"distance": float(d), "source_success_rate": float(ok.mean()),
+             "l2_mean": float(l2[ok].mean()) if ok.any() else None,
+             "l2_median": float(np.median(l2[ok])) if ok.any() else None,
+             "linf_mean": float(linf[ok].mean()) if ok.any() else None,
+             "iterations_median": float(np.median(its[ok])) if ok.any() else None,
+             "success": ok.tolist(), "targets": {}}
     for m, t in targets.items():
-      fooled = np.linalg.norm(t.embed(x_cur) - tgt_emb[m], axis=1) < t.paper_threshold
+      fooled = np.linalg.norm(t.embed(crafted["x_adv"][j]) - tgt_emb[m], axis=1) < t.paper_threshold
       use = ok & ~clean[m]  # AXs that succeeded on the source, pairs the target did not accept
       point["targets"][m] = {"transfer_rate": float(fooled[use].mean()) if use.any() else None,
                              "n": int(use.sum()), "fooled": fooled.tolist(),
                              "clean_accepted": int(clean[m].sum())}
-    point["success"] = ok.tolist()
     points.append(point)
-  doc = {"source": source.workdir, "key": key, "attack": "ifgsm",
+  doc = {"source": source.workdir, "key": json.loads(str(crafted["key"])), "attack": "ifgsm",
          "targets": {m: t.workdir for m, t in targets.items()},
          "thresholds": {m: float(t.paper_threshold) for m, t in targets.items()},
          "points": sorted(points, key=lambda p: p["distance"])}
-  with open(path, "w") as f:
+  with open(os.path.join(runs_dir, f"transfer_from_{source.config.method}.json"), "w") as f:
     json.dump(doc, f, indent=2)
   return doc
 
@@ -249,28 +272,32 @@ def plan_for(suite) -> Plan:
 
 def attack_all(suite, trained: dict, progress: bool = True) -> None:
   """The attack stage of ``faceens.reproduce``; ``trained``: ``{method: config}`` of the suite's
-  finished runs."""
+  finished runs. Order: the paper's white-box attacks on every run, then the transfer from the
+  single model, then the adaptive attack on the ensembles, so an interrupted stage has the
+  common comparison first."""
   if not trained:
     raise ValueError(f"no trained run in {suite.runs_dir}; run the train stage first")
   plan = plan_for(suite)
   pairs = attack_pairs(suite, next(iter(trained.values())), plan)
-  models = {}
+  models, out_dirs = {}, {}
   for i, m in enumerate(trained):
     model = api.load(suite.workdir(m))
     models[m] = model
-    out_dir = os.path.join(suite.workdir(m), "suite_attacks")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "pairs.json"), "w") as f:
+    out_dirs[m] = os.path.join(suite.workdir(m), "suite_attacks")
+    os.makedirs(out_dirs[m], exist_ok=True)
+    with open(os.path.join(out_dirs[m], "pairs.json"), "w") as f:
       json.dump({"pairs": pairs["names"], "seed": plan.seed}, f)
     if progress:
       print(f"[{i + 1}/{len(trained)}] attacks on {suite.run_name(m)}", flush=True)
-    test_pair_distances(model, out_dir)
-    names = list(plan.white_box)
-    if model.num_members > 1 and plan.adaptive:
-      names.append(plan.adaptive)
-    white_box(model, pairs, plan, out_dir, names, progress=progress)
-  if "single" in models:
+    test_pair_distances(model, out_dirs[m])
+    white_box(model, pairs, plan, out_dirs[m], list(plan.white_box), progress=progress)
+  if "single" in models and len(models) > 1:
     if progress:
       print("black-box transfer from the single model", flush=True)
     transfer(models["single"], {m: v for m, v in models.items() if m != "single"}, pairs, plan,
              suite.runs_dir, progress=progress)
+  for m, model in models.items():
+    if model.num_members > 1 and plan.adaptive:
+      if progress:
+        print(f"adaptive attack ({plan.adaptive}) on {suite.run_name(m)}", flush=True)
+      white_box(model, pairs, plan, out_dirs[m], [plan.adaptive], progress=progress)

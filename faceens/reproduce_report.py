@@ -259,8 +259,9 @@ def write_report(suite) -> str:
   plan = plan_for(suite)
   data = collect(suite)
   transfer = _load(os.path.join(suite.runs_dir, "transfer_from_single.json"))
-  if transfer is not None and transfer.get("key") != dict(plan.key("ifgsm"),
-                                                        distances=list(plan.distances)):
+  if transfer is not None and {k: v for k, v in transfer.get("key", {}).items()
+                               if k != "source_step"} != dict(plan.key("ifgsm"),
+                                                              distances=list(plan.distances)):
     transfer = None
   acc = accuracy_rows(data)
   attacks = list(plan.white_box) + [plan.adaptive]
