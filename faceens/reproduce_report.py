@@ -18,8 +18,8 @@ import os
 
 import numpy as np
 
-from faceens import verification
-from faceens.reproduce_attacks import file_name, plan_for
+from faceens import api, configs, evaluate, verification
+from faceens.reproduce_attacks import file_name, plan_for, test_pair_distances
 
 BOOTSTRAP = 1000
 # Amada et al. Table 2, LFW accuracy (%), ArcFace.
@@ -88,6 +88,25 @@ def paired_difference(a: np.ndarray, b: np.ndarray, n: int = BOOTSTRAP, seed: in
           "hi": float(hi)}
 
 
+def pixel_floor(suite, c) -> dict:
+  """Accuracy of raw pixels (Euclidean distance between the fitted test images in [0, 1], official
+  folds): what a model must beat for its features to mean anything. Cached in the runs folder."""
+  path = os.path.join(suite.runs_dir, "pixel_floor.json")
+  old = _load(path)
+  if old is not None:
+    return old
+  s = evaluate.lfw_test_set(c)
+  x = s.images.reshape(len(s.images), -1).astype(np.float64) / 255.0
+  d = np.linalg.norm(x[s.pairs[:, 0]] - x[s.pairs[:, 1]], axis=1)
+  acc, std, _ = verification.kfold_accuracy(d, s.issame, thresholds=np.linspace(0, d.max(), 2001),
+                                            folds=s.folds)
+  out = {"accuracy": acc, "accuracy_std": std, "roc_auc": verification.roc_auc(d, s.issame),
+         "pairs": int(len(d))}
+  with open(path, "w") as f:
+    json.dump(out, f)
+  return out
+
+
 def collect(suite) -> dict:
   """Everything the report needs, per method (absent parts are None)."""
   plan = plan_for(suite)
@@ -96,8 +115,11 @@ def collect(suite) -> dict:
   for m in suite.methods:
     w = suite.workdir(m)
     att = os.path.join(w, "suite_attacks")
-    r = {"summary": _load(os.path.join(w, "summary.json")),
-         "eval": _load(os.path.join(w, "eval.json")),
+    summary = _load(os.path.join(w, "summary.json"))
+    if summary is not None and not os.path.isfile(os.path.join(att, "test_pairs.npz")):
+      os.makedirs(att, exist_ok=True)  # trained, not attacked yet: its test distances now
+      test_pair_distances(api.load(w), att)
+    r = {"summary": summary, "eval": _load(os.path.join(w, "eval.json")),
          "test_pairs": _load(os.path.join(att, "test_pairs.npz")), "attacks": {}}
     for a in names:
       j, z = (_load(os.path.join(att, f"{file_name(a)}.{ext}")) for ext in ("json", "npz"))
@@ -264,12 +286,15 @@ def write_report(suite) -> str:
                                                               distances=list(plan.distances)):
     transfer = None
   acc = accuracy_rows(data)
+  trained = [m for m, r in data.items() if r["summary"] is not None]
+  floor = pixel_floor(suite, configs.load_run_config(suite.workdir(trained[0]))) if trained else None
   attacks = list(plan.white_box) + [plan.adaptive]
   cl = claims(data, acc, transfer)
   figs = figures(data, transfer, suite.out, attacks)
 
   results = {"suite": suite.name, "plan": plan.as_dict(), "methods": {}, "claims": cl,
-             "transfer": None}
+             "transfer": None, "pixel_floor": floor,
+             "paired_vs_single": paired_table(data, attacks)}
   for m, r in data.items():
     entry = {"trained": r["summary"] is not None, "summary": r["summary"]}
     if m in acc:
@@ -292,18 +317,34 @@ def write_report(suite) -> str:
   with open(os.path.join(suite.out, "results.json"), "w") as f:
     json.dump(results, f)
 
-  md = _markdown(suite, plan, data, acc, cl, transfer, attacks, figs)
+  md = _markdown(suite, plan, data, acc, cl, transfer, attacks, figs, floor,
+                 results["paired_vs_single"])
   path = os.path.join(suite.out, "REPORT.md")
   with open(path, "w") as f:
     f.write(md)
   return path
 
 
-def _markdown(suite, plan, data, acc, cl, transfer, attacks, figs) -> str:
+def paired_table(data: dict, attacks) -> dict:
+  """``{attack: {method: paired median-L2 difference to the single model}}``."""
+  out = {}
+  for a in attacks:
+    base = data.get("single", {}).get("attacks", {}).get(a if a in ("ifgsm", "bim", "cw") else "ifgsm")
+    if base is None:
+      continue
+    rb = robustness_values(base["pairs"])
+    out[a] = {m: paired_difference(robustness_values(r["attacks"][a]["pairs"]), rb)
+              for m, r in data.items() if m != "single" and a in r["attacks"]}
+  return out
+
+
+def _markdown(suite, plan, data, acc, cl, transfer, attacks, figs, floor, paired) -> str:
   L = []
   trained = [m for m, r in data.items() if r["summary"] is not None]
   missing = [m for m in data if m not in trained]
   train_min = sum(r["summary"]["train_seconds"] for r in data.values() if r["summary"]) / 60
+  attack_min = sum(a["summary"]["seconds"] for r in data.values() for a in r["attacks"].values()
+                   if "derived_from" not in a["summary"]) / 60
   L += [f"# LFW reproduction of Amada et al. ({suite.loss}, {'smoke' if suite.smoke else 'full'} suite)",
         "",
         "Command: `python -m faceens.reproduce --suite=lfw --lfw=DIR --out=reports/lfw`. "
@@ -313,8 +354,8 @@ def _markdown(suite, plan, data, acc, cl, transfer, attacks, figs) -> str:
         "",
         f"Trained: {', '.join(LABELS[m] for m in trained) or 'none'}"
         + (f"; **not trained yet: {', '.join(LABELS[m] for m in missing)}**" if missing else "")
-        + f". Training time of the runs as recorded: {train_min:.0f} min (2-core CPU unless "
-        "their summary says otherwise).", ""]
+        + f". Time as recorded (2-core CPU, other jobs sometimes sharing it): training "
+        f"{train_min:.0f} min, white-box attacks {attack_min:.0f} min.", ""]
   L += ["## Accuracy on LFW folds 6-10 (Table 2 analogue)", "",
         "95% bootstrap intervals (pairs resampled within folds, 1,000 resamples). InsightFace "
         "protocol: flip, squared L2, thresholds chosen on the other official folds; paper "
@@ -331,6 +372,10 @@ def _markdown(suite, plan, data, acc, cl, transfer, attacks, figs) -> str:
     tar = "n/a" if a["tar_at_far_1e-3"] is None else f"{a['tar_at_far_1e-3']:.3f}"
     L.append(f"| {LABELS[m]} | {_fmt_ci(a['insightface'], 100)} | {_fmt_ci(a['paper'], 100)} | "
              f"{a['roc_auc']:.3f} | {tar} | {mem} | {PAPER_LFW[m]:.2f} |")
+  if floor is not None:
+    L += ["", f"Raw pixels (Euclidean distance between the fitted test images, same folds): "
+          f"{floor['accuracy'] * 100:.1f}% accuracy, ROC-AUC {floor['roc_auc']:.3f}: the floor the "
+          "features must clear."]
   step_l2 = plan.step_size * np.sqrt(3 * 64 * 64) if not suite.smoke else None
   L += ["", "## White-box attacks (Fig. 2 / 3 analogue)", "",
         f"The same {plan.n_pairs} different-person pairs of folds 6-10 (seed {plan.seed}) for "
@@ -370,6 +415,15 @@ def _markdown(suite, plan, data, acc, cl, transfer, attacks, figs) -> str:
                  for a in attacks)]
   if partial:
     L += ["", f"Attacks still to run: {'; '.join(partial)}."]
+  if paired:
+    L += ["", "Paired difference of the median L2 to success against the single model (same "
+          "pairs; `ifgsm:members` against the single model's I-FGSM; > 0: more robust than the "
+          "single model), with its 95% paired bootstrap interval:", "",
+          "| attack | " + " | ".join(LABELS[m] for m in data if m != "single") + " |",
+          "|---|" + "---|" * (len(data) - 1)]
+    for a, row in paired.items():
+      L.append(f"| {a} | " + " | ".join(_pd(row[m]) if m in row else "-" for m in data
+                                        if m != "single") + " |")
   if transfer is not None:
     L += ["", "## Black-box transfer from the single model (Fig. 4 / 5 analogue)", "",
           "I-FGSM on the single model to each feature distance (largest first, each continuing "
