@@ -31,6 +31,7 @@ from tqdm import tqdm
 from faceens import api, evaluate, sharding
 from faceens.attacks import lots
 from faceens.data import image_folder
+from faceens.data import lfw as lfw_data
 from faceens.data.image_folder import DataError
 
 
@@ -75,9 +76,29 @@ def attack_images(model, images_dir: str | None):
     return faces.images, faces.labels, images_dir
   held, source = evaluate.heldout_faces(c)
   if held is None:
-    raise DataError("this run has no held-out people to attack; pass --images=DIR "
-                    "(DIR/<identity>/*.jpg)")
+    raise DataError("this run has no held-out people to attack (an MS1MV2 or TFDS run); pass "
+                    "--images=DIR (DIR/<identity>/*.jpg)")
   return held.images, held.labels, source
+
+
+def pair_images(model, images_dir: str | None, n_pairs: int, seed: int = 0):
+  """``(x_src, x_tgt, pairs, source)``: ``n_pairs`` seeded source/target pairs of different
+  people as float images. From ``images_dir`` or the run's held-out people (``pairs``: image
+  indices ``[P, 2]``), or for an LFW run (``data.kind=lfw``) the official different-person pairs
+  of its test folds (``pairs``: ``"Name_0001 Other_0002"`` strings)."""
+  c = model.config
+  if not images_dir and c.data.kind == "lfw":
+    chosen = lfw_data.different_person_pairs(c.data.root, [f - 1 for f in c.data.lfw_test_folds],
+                                             n_pairs, seed)
+    src, tgt = lfw_data.load_pair_list(c.data.root, chosen, model.input_size,
+                                       image_folder.fit_spec(c))
+    names = np.array([f"{p.name1}_{p.index1:04d} {p.name2}_{p.index2:04d}" for p in chosen])
+    return (model.prepare(src), model.prepare(tgt), names,
+            f"{c.data.root} (pairs.txt folds {', '.join(map(str, c.data.lfw_test_folds))})")
+  images, labels, source = attack_images(model, images_dir)
+  pairs = make_pairs(labels, n_pairs, seed)
+  x = model.prepare(images)
+  return x[pairs[:, 0]], x[pairs[:, 1]], pairs, source
 
 
 def _goal_value(model, goal: str) -> float:
@@ -245,10 +266,7 @@ def white_box(model, methods, n_pairs: int, goal: str, out_dir: str, *, images_d
               seed: int = 0, batch_size: int = 64, base: lots.AttackConfig = lots.AttackConfig(),
               progress: bool = True) -> dict:
   """White-box attacks of ``methods`` (``parse_methods``) with the settings of ``base``."""
-  images, labels, source = attack_images(model, images_dir)
-  pairs = make_pairs(labels, n_pairs, seed)
-  x = model.prepare(images)
-  x_src, x_tgt = x[pairs[:, 0]], x[pairs[:, 1]]
+  x_src, x_tgt, pairs, source = pair_images(model, images_dir, n_pairs, seed)
   g = _goal_value(model, goal)
   os.makedirs(out_dir, exist_ok=True)
   summaries = {}
@@ -290,10 +308,7 @@ def black_box(source_model, target_models, methods, n_pairs: int, distances, *, 
     if t.paper_threshold is None:
       raise ValueError(f"{t.workdir} has no verification threshold; run python -m "
                        f"faceens.evaluate --workdir={t.workdir} first")
-  images, labels, source = attack_images(source_model, images_dir)
-  pairs = make_pairs(labels, n_pairs, seed)
-  x = source_model.prepare(images)
-  x_src, x_tgt = x[pairs[:, 0]], x[pairs[:, 1]]
+  x_src, x_tgt, _, source = pair_images(source_model, images_dir, n_pairs, seed)
   tgt_emb = [t.embed(x_tgt) for t in target_models]
   results = {}
   for name, cfg in _configs(methods, base):

@@ -28,7 +28,6 @@ from faceens import api, attack, evaluate
 from faceens.attacks import lots
 from faceens.data import image_folder
 from faceens.data import lfw as lfw_data
-from faceens.data.pairs import load_pair_images
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,18 +90,11 @@ def file_name(attack_name: str) -> str:
 def attack_pairs(suite, c, plan: Plan) -> dict:
   """``plan.n_pairs`` different-person pairs of the suite's test folds (seeded, fixed for every
   run): uint8 source and target images at the runs' input size, with LFW names and numbers."""
-  test_folds = [f - 1 for f in c.data.lfw_test_folds]
-  pairs = [p for p in lfw_data.read_pairs(os.path.join(suite.lfw, "pairs.txt"))
-           if p.fold in set(test_folds) and not p.same]
-  if plan.n_pairs > len(pairs):
-    raise ValueError(f"the plan asks for {plan.n_pairs} attack pairs; the test folds have "
-                     f"{len(pairs)} different-person pairs")
-  rng = np.random.default_rng(plan.seed)
-  chosen = [pairs[i] for i in np.sort(rng.choice(len(pairs), plan.n_pairs, replace=False))]
-  files = [[lfw_data.image_path(suite.lfw, p.name1, p.index1),
-            lfw_data.image_path(suite.lfw, p.name2, p.index2)] for p in chosen]
-  images, index = load_pair_images(files, c.data.image_size, image_folder.fit_spec(c))
-  return {"src": images[index[:, 0]], "tgt": images[index[:, 1]],
+  chosen = lfw_data.different_person_pairs(suite.lfw, [f - 1 for f in c.data.lfw_test_folds],
+                                           plan.n_pairs, plan.seed)
+  src, tgt = lfw_data.load_pair_list(suite.lfw, chosen, c.data.image_size,
+                                     image_folder.fit_spec(c))
+  return {"src": src, "tgt": tgt,
           "names": [(p.name1, p.index1, p.name2, p.index2, p.fold + 1) for p in chosen]}
 
 

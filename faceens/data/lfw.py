@@ -124,3 +124,25 @@ def training_identities(root: str, test_folds, pairs_path: str | None = None,
   pairs = read_pairs(pairs_path or os.path.join(root, "pairs.txt"))
   test_people = {n for p in pairs if p.fold in test_folds for n in (p.name1, p.name2)}
   return [n for n, k in people(root).items() if k >= min_images and n not in test_people]
+
+
+def different_person_pairs(root: str, folds, n: int, seed: int = 0,
+                           pairs_path: str | None = None) -> list[Pair]:
+  """``n`` of the official different-person pairs of ``folds`` (0-based), seeded and in file
+  order: fixed attack pairs of people a model trained on the other folds never saw."""
+  folds = set(int(f) for f in folds)
+  path = pairs_path or os.path.join(root, "pairs.txt")
+  pairs = [p for p in read_pairs(path) if p.fold in folds and not p.same]
+  if n > len(pairs):
+    raise DataError(f"{n} attack pairs asked for; folds {sorted(f + 1 for f in folds)} of {path} "
+                    f"have {len(pairs)} different-person pairs")
+  rng = np.random.default_rng(seed)
+  return [pairs[i] for i in np.sort(rng.choice(len(pairs), n, replace=False))]
+
+
+def load_pair_list(root: str, pairs: list[Pair], size: int, fit: str = "pad"):
+  """uint8 ``(first images, second images)`` of ``pairs``, each ``[P, size, size, 3]``."""
+  files = [[image_path(root, p.name1, p.index1), image_path(root, p.name2, p.index2)]
+           for p in pairs]
+  images, index = load_pair_images(files, size, fit)
+  return images[index[:, 0]], images[index[:, 1]]
