@@ -48,6 +48,18 @@ def collect(runs, attacks_subdir: str = "attacks"):
   return white, transfer
 
 
+def save(fig, path: str, ax=None) -> str:
+  """Grid and legend on ``ax`` (if given), then ``fig`` written to ``path`` and closed."""
+  import matplotlib.pyplot as plt
+  if ax is not None:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
 def plot(runs, out_dir: str, labels: dict | None = None) -> list[str]:
   import matplotlib
   matplotlib.use("Agg")
@@ -74,13 +86,7 @@ def plot(runs, out_dir: str, labels: dict | None = None) -> list[str]:
     ax.set(xlabel=r"$\tau$ ($\|x_{adv} - x_s\|_2$, pixels in [0, 1])",
            ylabel=r"$\tau_{Acc}$ (Eq. 1: share of successful AXs)", title=f"LOTS via {name} (goal: {goal})",
            ylim=(0, 1.02))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    path = os.path.join(out_dir, f"tau_{name}.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(save(fig, os.path.join(out_dir, f"tau_{name}.png"), ax))
   for name, docs in sorted(transfer.items()):
     fig, ax = plt.subplots(figsize=(5, 4))
     fig5, ax5 = plt.subplots(figsize=(5, 4))
@@ -100,13 +106,7 @@ def plot(runs, out_dir: str, labels: dict | None = None) -> list[str]:
     ax5.set(xlabel="feature distance to the target on the source model",
             ylabel=r"mean $\|x_{adv} - x_s\|_2$", title=f"Perturbation of {name} examples")
     for a, f, stem in ((ax, fig, "transfer"), (ax5, fig5, "perturbation")):
-      a.grid(alpha=0.3)
-      a.legend(fontsize=7)
-      f.tight_layout()
-      path = os.path.join(out_dir, f"{stem}_{name}.png")
-      f.savefig(path, dpi=120)
-      plt.close(f)
-      written.append(path)
+      written.append(save(f, os.path.join(out_dir, f"{stem}_{name}.png"), a))
   return written
 
 

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from faceens import api, configs, evaluate, verification
+from faceens import api, configs, evaluate, plot, verification
 from faceens.reproduce_attacks import file_name, plan_for, test_pair_distances
 
 BOOTSTRAP = 1000
@@ -259,32 +259,27 @@ def figures(data: dict, transfer: dict | None, out: str, attacks) -> list[str]:
     ax.set_xlabel("tau (L2 perturbation, pixels in [0, 1])")
     ax.set_ylabel("tau-success rate (Eq. 1)")
     ax.set_title(f"White-box LOTS {a} (success rate in brackets)")
-    ax.legend(fontsize=7)
-    p = os.path.join(out, f"tau_{file_name(a)}.png")
-    fig.tight_layout()
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(plot.save(fig, os.path.join(out, f"tau_{file_name(a)}.png"), ax))
   if transfer is not None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ds = [p["distance"] for p in transfer["points"]]
     for m in transfer["targets"]:
-      ax1.plot(ds, [p["targets"][m]["transfer_rate"] for p in transfer["points"]], "o-",
+      ax1.plot(ds, [_nan(p["targets"][m]["transfer_rate"]) for p in transfer["points"]], "o-",
                label=LABELS[m])
     ax1.set_xlabel("feature distance to the target on the single model")
     ax1.set_ylabel("transfer rate")
     ax1.set_title("Black-box from the single model (Fig. 4)")
-    ax1.legend(fontsize=7)
-    ax2.plot(ds, [p["l2_mean"] for p in transfer["points"]], "o-")
+    ax2.plot(ds, [_nan(p["l2_mean"]) for p in transfer["points"]], "o-")
     ax2.set_xlabel("feature distance to the target on the single model")
     ax2.set_ylabel("mean L2 perturbation")
     ax2.set_title("Perturbation vs distance (Fig. 5)")
-    p = os.path.join(out, "transfer.png")
-    fig.tight_layout()
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    paths.append(p)
+    ax2.grid(alpha=0.3)
+    paths.append(plot.save(fig, os.path.join(out, "transfer.png"), ax1))
   return paths
+
+
+def _nan(v):
+  return np.nan if v is None else v
 
 
 def _round(a, n=5):
