@@ -204,7 +204,7 @@ def main(argv):
     jax.config.update("jax_compilation_cache_dir", os.path.join(runs_dir, ".jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     if "attack" in stages:
-      reproduce_attacks.attack_all(suite, trained_configs(suite))
+      reproduce_attacks.attack_all(suite, lambda: trained_configs(suite))
     if "report" in stages:
       path = reproduce_report.write_report(suite)
       print(f"wrote {path}")

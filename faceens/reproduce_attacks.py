@@ -262,34 +262,61 @@ def plan_for(suite) -> Plan:
   return SMOKE_PLAN if suite.smoke else Plan()
 
 
-def attack_all(suite, trained: dict, progress: bool = True) -> None:
-  """The attack stage of ``faceens.reproduce``; ``trained``: ``{method: config}`` of the suite's
-  finished runs. Order: the paper's white-box attacks on every run, then the transfer from the
-  single model, then the adaptive attack on the ensembles, so an interrupted stage has the
-  common comparison first."""
-  if not trained:
-    raise ValueError(f"no trained run in {suite.runs_dir}; run the train stage first")
+def attack_all(suite, trained, progress: bool = True) -> None:
+  """The attack stage of ``faceens.reproduce``. ``trained()`` -> ``{method: config}`` of the
+  suite's finished runs, asked again after every task, so runs that finish training meanwhile
+  (in another process) are attacked too. Next task, by priority: the paper's white-box attacks
+  on a run without them; the transfer from the single model when a run is missing from it; the
+  adaptive attack on an ensemble without it. An interrupted stage has the common comparison
+  first."""
   plan = plan_for(suite)
-  pairs = attack_pairs(suite, next(iter(trained.values())), plan)
-  models, out_dirs = {}, {}
-  for i, m in enumerate(trained):
-    model = api.load(suite.workdir(m))
-    models[m] = model
-    out_dirs[m] = os.path.join(suite.workdir(m), "suite_attacks")
-    os.makedirs(out_dirs[m], exist_ok=True)
-    with open(os.path.join(out_dirs[m], "pairs.json"), "w") as f:
-      json.dump({"pairs": pairs["names"], "seed": plan.seed}, f)
-    if progress:
-      print(f"[{i + 1}/{len(trained)}] attacks on {suite.run_name(m)}", flush=True)
-    test_pair_distances(model, out_dirs[m])
-    white_box(model, pairs, plan, out_dirs[m], list(plan.white_box), progress=progress)
-  if "single" in models and len(models) > 1:
-    if progress:
-      print("black-box transfer from the single model", flush=True)
-    transfer(models["single"], {m: v for m, v in models.items() if m != "single"}, pairs, plan,
-             suite.runs_dir, progress=progress)
-  for m, model in models.items():
-    if model.num_members > 1 and plan.adaptive:
+  runs = trained()
+  if not runs:
+    raise ValueError(f"no trained run in {suite.runs_dir}; run the train stage first")
+  pairs = attack_pairs(suite, next(iter(runs.values())), plan)
+  models, white, adaptive, transferred = {}, set(), set(), set()
+
+  def load(m):
+    if m not in models:
+      models[m] = api.load(suite.workdir(m))
+      out = _out_dir(suite, m)
+      os.makedirs(out, exist_ok=True)
+      with open(os.path.join(out, "pairs.json"), "w") as f:
+        json.dump({"pairs": pairs["names"], "seed": plan.seed}, f)
+    return models[m]
+
+  while True:
+    runs = trained()
+    todo = [m for m in runs if m not in white]
+    if todo:
+      m = todo[0]
+      if progress:
+        print(f"[{len(white) + 1}/{len(runs)}] white-box attacks on {suite.run_name(m)}", flush=True)
+      model = load(m)
+      test_pair_distances(model, _out_dir(suite, m))
+      white_box(model, pairs, plan, _out_dir(suite, m), list(plan.white_box), progress=progress)
+      white.add(m)
+      continue
+    targets = {m for m in runs if m != "single"}
+    if "single" in runs and targets and targets != transferred:
+      if progress:
+        print(f"black-box transfer from the single model to {', '.join(sorted(targets))}",
+              flush=True)
+      transfer(load("single"), {m: load(m) for m in runs if m != "single"}, pairs, plan,
+               suite.runs_dir, progress=progress)
+      transferred = targets
+      continue
+    todo = [m for m in runs if m not in adaptive and plan.adaptive]
+    if not todo:
+      return
+    m = todo[0]
+    adaptive.add(m)
+    model = load(m)
+    if model.num_members > 1:
       if progress:
         print(f"adaptive attack ({plan.adaptive}) on {suite.run_name(m)}", flush=True)
-      white_box(model, pairs, plan, out_dirs[m], [plan.adaptive], progress=progress)
+      white_box(model, pairs, plan, _out_dir(suite, m), [plan.adaptive], progress=progress)
+
+
+def _out_dir(suite, method: str) -> str:
+  return os.path.join(suite.workdir(method), "suite_attacks")
