@@ -200,9 +200,11 @@ def main(argv):
     t0 = time.perf_counter()
     if "train" in stages:
       train_all(suite)
-    # Runs of one suite share their architecture: attacks compile once for all of them.
-    jax.config.update("jax_compilation_cache_dir", os.path.join(runs_dir, ".jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    # Runs of one suite share their architecture: attacks compile once for all of them (unless
+    # the user keeps a compilation cache of their own).
+    if not jax.config.jax_compilation_cache_dir:
+      jax.config.update("jax_compilation_cache_dir", os.path.join(runs_dir, ".jax_cache"))
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     if "attack" in stages:
       reproduce_attacks.attack_all(suite, lambda: trained_configs(suite))
     if "report" in stages:

@@ -7,7 +7,8 @@ import sys
 
 import numpy as np
 
-from faceens import reproduce_report, verification
+import faceens
+from faceens import attack, reproduce_report, verification
 from faceens.attacks import lots
 from tests.conftest import REPO
 from tests.test_lfw import make_lfw
@@ -61,17 +62,13 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
   assert res["transfer"] is not None and set(res["transfer"]["targets"]) == {"srv_fdp"}
   assert os.path.isfile(out / "tau_ifgsm.png") and os.path.isfile(out / "transfer.png")
 
-  # The attack CLI on an LFW run draws its pairs from the official test folds' different people.
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  a = subprocess.run([sys.executable, "-m", "faceens.attack", f"--workdir={runs}/arcface_single",
-                      "--pairs=3", "--max_iters=4", f"--out={tmp_path}/cli"], cwd=tmp_path,
-                     env=env, capture_output=True, text=True, timeout=600)
-  assert a.returncode == 0, a.stderr[-3000:]
-  doc = json.loads((tmp_path / "cli" / "attack_ifgsm.json").read_text())
-  assert "folds 6, 7, 8, 9, 10" in doc["summary"]["pairs_from"] and doc["summary"]["n"] == 3
-  names = np.load(tmp_path / "cli" / "attack_ifgsm.npz")["pairs"]
+  # faceens.attack on an LFW run draws its pairs from the official test folds' different people.
+  x_src, x_tgt, names, source = attack.pair_images(faceens.load(str(runs / "arcface_single")),
+                                                   None, 3)
+  assert x_src.shape == x_tgt.shape == (3, 32, 32, 3) and "folds 6, 7, 8, 9, 10" in source
   test_people = {f"P{i:02d}" for i in range(10, 20)}
   assert all(n.split()[0][:3] in test_people and n.split()[1][:3] in test_people for n in names)
+  assert all(n.split()[0][:3] != n.split()[1][:3] for n in names)
 
   # A second invocation reuses every run and attack: nothing is recomputed.
   stamp = {p: os.path.getmtime(p) for p in runs.rglob("*.npz")}
