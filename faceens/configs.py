@@ -138,7 +138,9 @@ def method_config(method: str, loss: str, variant: str | None = None) -> ml_coll
     c.train.eval_every = 0
     # MTER with 3 sign steps of 3/255 (to the same 8/255 ball) in place of 10 of 1/255: each
     # step costs a forward and backward pass, and 10 would make AdvT (K = 1) cost more than an
-    # ensemble (~3.5x a single model with 3).
+    # ensemble. Measured with 3: 34.6 min, sharing the 2 cores with an attack job (the single
+    # model alone: 5.6 min); test accuracy 0.805. The whole ArcFace suite (faceens.reproduce):
+    # about 2 h of training on 2 otherwise idle cores.
     c.advt.iters = 3
     c.advt.step_size = 3.0 / 255
   elif variant == "test":
