@@ -140,7 +140,7 @@ def method_config(method: str, loss: str, variant: str | None = None) -> ml_coll
     # step costs a forward and backward pass, and 10 would make AdvT (K = 1) cost more than an
     # ensemble. Measured with 3: 34.6 min, sharing the 2 cores with an attack job (the single
     # model alone: 5.6 min); test accuracy 0.805. The whole ArcFace suite (faceens.reproduce):
-    # about 2 h of training on 2 otherwise idle cores.
+    # roughly 2 h of training on 2 otherwise idle cores (estimated from the runs trained alone).
     c.advt.iters = 3
     c.advt.step_size = 3.0 / 255
   elif variant == "test":
