@@ -414,8 +414,9 @@ def _markdown(suite, plan, data, acc, cl, transfer, attacks, figs, floor, paired
       med = _fmt_ci(median_ci(robustness_values(r["attacks"][a]["pairs"])), 1, ".3f")
       it = "n/a" if s["iterations_median"] is None else f"{s['iterations_median']:.0f}"
       sr = "n/a" if s["success_rate"] is None else f"{s['success_rate']:.3f}"
+      secs = "= ifgsm" if "derived_from" in s else f"{s['seconds']:.0f}"
       L.append(f"| {LABELS[m]} | {a} | {s['pre_accepted']}/{s['pairs']} | {sr} | {it} | {med} | "
-               f"{s['seconds']:.0f} |")
+               f"{secs} |")
   not_attacked = [LABELS[m] for m, r in data.items() if not r["attacks"]]
   if not_attacked:
     L += ["", f"Not attacked yet: {', '.join(not_attacked)}."]
