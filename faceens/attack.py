@@ -81,6 +81,16 @@ def attack_images(model, images_dir: str | None):
   return held.images, held.labels, source
 
 
+def lfw_test_pairs(c, n_pairs: int, seed: int = 0):
+  """``(src, tgt, pairs)``: ``n_pairs`` seeded official different-person pairs of an LFW run's
+  test folds (``data.lfw_test_folds``), uint8 images fitted as the run's inputs."""
+  chosen = lfw_data.different_person_pairs(c.data.root, [f - 1 for f in c.data.lfw_test_folds],
+                                           n_pairs, seed)
+  src, tgt = lfw_data.load_pair_list(c.data.root, chosen, c.data.image_size,
+                                     image_folder.fit_spec(c))
+  return src, tgt, chosen
+
+
 def pair_images(model, images_dir: str | None, n_pairs: int, seed: int = 0):
   """``(x_src, x_tgt, pairs, source)``: ``n_pairs`` seeded source/target pairs of different
   people as float images. From ``images_dir`` or the run's held-out people (``pairs``: image
@@ -88,10 +98,7 @@ def pair_images(model, images_dir: str | None, n_pairs: int, seed: int = 0):
   of its test folds (``pairs``: ``"Name_0001 Other_0002"`` strings)."""
   c = model.config
   if not images_dir and c.data.kind == "lfw":
-    chosen = lfw_data.different_person_pairs(c.data.root, [f - 1 for f in c.data.lfw_test_folds],
-                                             n_pairs, seed)
-    src, tgt = lfw_data.load_pair_list(c.data.root, chosen, model.input_size,
-                                       image_folder.fit_spec(c))
+    src, tgt, chosen = lfw_test_pairs(c, n_pairs, seed)
     names = np.array([f"{p.name1}_{p.index1:04d} {p.name2}_{p.index2:04d}" for p in chosen])
     return (model.prepare(src), model.prepare(tgt), names,
             f"{c.data.root} (pairs.txt folds {', '.join(map(str, c.data.lfw_test_folds))})")

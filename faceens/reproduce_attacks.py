@@ -8,8 +8,9 @@ Per run (``<run>/suite_attacks/``, each file skipped when it exists with the sam
     (``attack_pairs``), goal = the run's own Euclidean threshold (the paper's protocol). Pairs the
     run accepts as the same person before any perturbation are counted (``pre_accepted``) and not
     attacked: they would put a jump at tau = 0 in the tau curves;
-  * ``transfer.json``: black-box transfer of I-FGSM examples crafted on the single model at fixed
-    feature distances (Amada et al. Fig. 4), the source's perturbation per distance (Fig. 5).
+and in the runs folder ``transfer_from_single.json`` (with the crafted examples in ``.npz``):
+black-box transfer of I-FGSM examples crafted on the single model at fixed feature distances
+(Amada et al. Fig. 4), the source's perturbation per distance (Fig. 5).
 
 The step sizes are chosen so that the median successful I-FGSM example on the single model takes
 tens of iterations (``Plan``): a sign step of 1/255 moves a 64x64x3 image by 0.43 in L2, and
@@ -26,8 +27,6 @@ import numpy as np
 
 from faceens import api, attack, evaluate
 from faceens.attacks import lots
-from faceens.data import image_folder
-from faceens.data import lfw as lfw_data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,13 +86,10 @@ def file_name(attack_name: str) -> str:
   return attack_name.replace(":", "_")
 
 
-def attack_pairs(suite, c, plan: Plan) -> dict:
+def attack_pairs(c, plan: Plan) -> dict:
   """``plan.n_pairs`` different-person pairs of the suite's test folds (seeded, fixed for every
-  run): uint8 source and target images at the runs' input size, with LFW names and numbers."""
-  chosen = lfw_data.different_person_pairs(suite.lfw, [f - 1 for f in c.data.lfw_test_folds],
-                                           plan.n_pairs, plan.seed)
-  src, tgt = lfw_data.load_pair_list(suite.lfw, chosen, c.data.image_size,
-                                     image_folder.fit_spec(c))
+  run; ``c``: a run config of the suite, whose ``data.root`` is the suite's LFW): uint8 source and target images at the runs' input size, with LFW names and numbers."""
+  src, tgt, chosen = attack.lfw_test_pairs(c, plan.n_pairs, plan.seed)
   return {"src": src, "tgt": tgt,
           "names": [(p.name1, p.index1, p.name2, p.index2, p.fold + 1) for p in chosen]}
 
@@ -273,7 +269,7 @@ def attack_all(suite, trained, progress: bool = True) -> None:
   runs = trained()
   if not runs:
     raise ValueError(f"no trained run in {suite.runs_dir}; run the train stage first")
-  pairs = attack_pairs(suite, next(iter(runs.values())), plan)
+  pairs = attack_pairs(next(iter(runs.values())), plan)
   models, white, adaptive, transferred = {}, set(), set(), set()
 
   def load(m):

@@ -94,17 +94,22 @@ def load_pairs(root: str, size: int, fit: str = "pad", pairs_path: str | None = 
   if folds is not None:
     folds = set(int(f) for f in folds)
     pairs = [p for p in pairs if p.fold in folds]
+  images, index = load_pair_images(_pair_files(root, pairs, path), size, fit)
+  return (images, index, np.asarray([p.same for p in pairs], bool),
+          np.asarray([p.fold for p in pairs], np.int64))
+
+
+def _pair_files(root: str, pairs: list[Pair], pairs_path: str) -> list[list[str]]:
+  """The two image files of each pair; a missing one is a ``DataError`` naming the pair."""
   files = []
   for p in pairs:
     pair = [image_path(root, name, i) for name, i in ((p.name1, p.index1), (p.name2, p.index2))]
     for f, name, i in zip(pair, (p.name1, p.name2), (p.index1, p.index2)):
       if not os.path.isfile(f):
-        raise DataError(f"{path}: fold {p.fold + 1} names {name} image {i}, but {f} does not "
-                        "exist")
+        raise DataError(f"{pairs_path}: fold {p.fold + 1} names {name} image {i}, but {f} does "
+                        "not exist")
     files.append(pair)
-  images, index = load_pair_images(files, size, fit)
-  return (images, index, np.asarray([p.same for p in pairs], bool),
-          np.asarray([p.fold for p in pairs], np.int64))
+  return files
 
 
 def people(root: str) -> dict[str, int]:
@@ -142,7 +147,6 @@ def different_person_pairs(root: str, folds, n: int, seed: int = 0,
 
 def load_pair_list(root: str, pairs: list[Pair], size: int, fit: str = "pad"):
   """uint8 ``(first images, second images)`` of ``pairs``, each ``[P, size, size, 3]``."""
-  files = [[image_path(root, p.name1, p.index1), image_path(root, p.name2, p.index2)]
-           for p in pairs]
-  images, index = load_pair_images(files, size, fit)
+  images, index = load_pair_images(_pair_files(root, pairs, os.path.join(root, "pairs.txt")),
+                                   size, fit)
   return images[index[:, 0]], images[index[:, 1]]
