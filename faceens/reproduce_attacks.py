@@ -94,7 +94,8 @@ def attack_pairs(c, plan: Plan) -> dict:
           "names": [(p.name1, p.index1, p.name2, p.index2, p.fold + 1) for p in chosen]}
 
 
-def _load_json(path):
+def load_json(path):
+  """A JSON file's contents, ``None`` if it does not exist."""
   if os.path.isfile(path):
     with open(path) as f:
       return json.load(f)
@@ -126,7 +127,7 @@ def white_box(model, pairs: dict, plan: Plan, out_dir: str, names, progress: boo
   out = {}
   for name in names:
     json_path = os.path.join(out_dir, f"{file_name(name)}.json")
-    old = _load_json(json_path)
+    old = load_json(json_path)
     if old is not None and old.get("key") == plan.key(name) and old.get("step") == model.step:
       out[name] = old
       continue

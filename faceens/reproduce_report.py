@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from faceens import api, configs, evaluate, plot, verification
-from faceens.reproduce_attacks import file_name, plan_for, test_pair_distances
+from faceens.reproduce_attacks import file_name, load_json, plan_for, test_pair_distances
 
 BOOTSTRAP = 1000
 # Amada et al. Table 2, LFW accuracy (%), ArcFace.
@@ -30,13 +30,13 @@ LABELS = {"single": "single", "baseline": "baseline", "adp": "ADP", "fdp": "FDP"
 
 
 def _load(path):
+  """A ``.json`` or ``.npz`` file's contents, ``None`` if it does not exist."""
+  if not path.endswith(".npz"):
+    return load_json(path)
   if not os.path.isfile(path):
     return None
-  if path.endswith(".npz"):
-    with np.load(path) as z:
-      return {k: z[k] for k in z.files}
-  with open(path) as f:
-    return json.load(f)
+  with np.load(path) as z:
+    return {k: z[k] for k in z.files}
 
 
 def bootstrap_accuracy(dist, issame, folds, n: int = BOOTSTRAP, seed: int = 0):
