@@ -147,8 +147,8 @@ def header(torch_ok: bool) -> dict:
 
 def _config(method: str, sz: Sizes, **over):
   from faceens import configs
-  c = configs.method_config(method, "cosface" if method in ("single", "baseline") else "arcface",
-                            "full")
+  loss = "cosface" if method in ("single", "baseline") else "arcface"
+  c = configs.experiment(f"{loss}_{method}", "full")
   c.model.head = "gdc"
   c.model.width, c.model.blocks, c.model.embedding_dim = sz.width, tuple(sz.blocks), sz.embedding_dim
   c.data.image_size = sz.size
@@ -402,7 +402,7 @@ def torch_compile_rows(sz: Sizes, report: Report, budget: Budget, torch_device: 
 def train_attack_model(method: str, sz: Sizes, workdir: str):
   """A model to attack: ``method`` trained on the bundled ORL faces (s1-s30) at ``sz.size``."""
   from faceens import configs, train
-  c = configs.method_config(method, "arcface", "demo")
+  c = configs.experiment(f"arcface_{method}", "demo")
   c.data.image_size = sz.size
   c.model.width, c.model.blocks, c.model.embedding_dim = sz.width, tuple(sz.blocks), sz.embedding_dim
   c.data.workers = sz.workers

@@ -41,7 +41,7 @@ def bench_jax(members: int, steps: int, depthwise_impl: str = "auto", strategy: 
   import jax
   from faceens import configs, models, sharding, train
 
-  c = configs.method_config("single" if members == 1 else "baseline", "cosface", "full")
+  c = configs.experiment("cosface_single" if members == 1 else "cosface_baseline", "full")
   c.ensemble.num_members = members
   c.model.head = "gdc"
   c.model.depthwise_impl = depthwise_impl

@@ -1,13 +1,20 @@
-"""Shared configuration for every ``experiments/<loss>_<method>.py`` file, and its validation.
+"""The paper's training recipe, shared by every ``experiments/<loss>_<method>.py`` file, and its
+validation.
 
-``method_config(method, loss, variant)`` builds the ``ml_collections.ConfigDict``; variants:
+``base_config(loss, variant)`` is everything an experiment does not choose itself: the network,
+data, optimiser and schedule of Amada et al. ("Implementation Details"). Each experiment file
+adds its method: ``c.method``, the number of members K and the settings of its diversity term or
+adversarial training, each with the paper's reason beside it (the flax-examples pattern of a
+default config plus overrides). ``experiment(name, variant)`` loads one by name.
 
-  * ``full``: the paper recipe (Amada et al., "Implementation Details"): MS1MV2 112x112,
-    MobileFaceNet with the BN-Dropout-FC-BN head, K = 3, batch 256, 20 epochs, lr 1e-3 divided
-    by 10 at epochs 12, 15, 18, s = 64, ArcFace m = 0.5 / CosFace m = 0.35.
+Variants:
+
+  * ``full``: the paper recipe: MS1MV2 112x112, MobileFaceNet with the BN-Dropout-FC-BN head,
+    batch 256, 20 epochs, lr 1e-3 divided by 10 at epochs 12, 15, 18, s = 64, ArcFace m = 0.5 /
+    CosFace m = 0.35. Days on one GPU.
   * ``demo``: the bundled ORL faces on a 2-core CPU in under 10 minutes.
   * ``lfw``: LFW in its own layout (``--config.data.root=DIR``): people of folds 1-5 and in no
-    pair train, the 3,000 pairs of folds 6-10 test; minutes per model on a 2-core CPU.
+    pair train, the 3,000 pairs of folds 6-10 test; 6-35 minutes per model on a 2-core CPU.
   * ``test``: a few seconds; tiny widths and 32x32 inputs.
 
 Hyper-parameter grids of the paper are plain overrides: ``--config.adp.beta=10``,
@@ -15,6 +22,11 @@ Hyper-parameter grids of the paper are plain overrides: ``--config.adp.beta=10``
 """
 
 from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
 
 import ml_collections
 
@@ -25,40 +37,67 @@ from faceens.models import depthwise, ensemble, mobilefacenet
 VARIANTS = ("full", "demo", "lfw", "test")
 DATA_KINDS = ("orl", "image_folder", "ms1mv2", "tfds", "lfw")
 OPTIMIZERS = ("sgd", "adam", "adamw")
+# The experiment files of a source checkout (the flagship command names them by path).
+EXPERIMENTS_DIR = pathlib.Path(__file__).resolve().parent.parent / "experiments"
 
 # Paper margins (Amada et al. follow Wang et al. 2018 / Deng et al. 2019).
 PAPER_MARGIN = {"arcface": 0.5, "cosface": 0.35}
+# The method groups an experiment adds, and which methods use each.
+METHOD_GROUPS = {"adp": ("alpha", "beta", "logits"), "fdp": ("gamma",),
+                 "advt": ("margin", "iters", "step_size", "epsilon", "weight")}
 
 
-def method_config(method: str, loss: str, variant: str | None = None) -> ml_collections.ConfigDict:
+def group(**fields) -> ml_collections.ConfigDict:
+  """A config group, e.g. ``c.fdp = configs.group(gamma=10.0)``."""
+  return ml_collections.ConfigDict(fields)
+
+
+def uses_group(method: str, name: str) -> bool:
+  """Whether ``method`` reads the config group ``name`` (``adp``, ``fdp`` or ``advt``)."""
+  spec = losses.method_spec(method)
+  return spec.adversarial if name == "advt" else spec.regularizer == name
+
+
+def set_loss(c: ml_collections.ConfigDict, loss: str) -> ml_collections.ConfigDict:
+  """The margin head ``loss`` with the paper's s = 64 and its margin m; returns ``c``."""
+  if loss not in heads.LOSSES:
+    raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(heads.LOSSES)}")
+  c.loss.name = loss
+  c.loss.margin = PAPER_MARGIN[loss]
+  return c
+
+
+def experiment(name: str, variant: str | None = None) -> ml_collections.ConfigDict:
+  """``get_config(variant)`` of ``experiments/<name>.py``: ``experiment("arcface_fdp", "lfw")``."""
+  path = EXPERIMENTS_DIR / f"{name}.py"
+  if not path.is_file():
+    names = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*_*.py"))
+    valid = ", ".join(names) or "none (experiments/ is part of the source checkout)"
+    raise FileNotFoundError(f"no experiment {name!r} in {EXPERIMENTS_DIR}; valid: {valid}")
+  spec = importlib.util.spec_from_file_location(f"faceens_experiment_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def base_config(loss: str, variant: str | None = None) -> ml_collections.ConfigDict:
+  """The paper recipe with the ``loss`` margin head, before an experiment sets its method."""
   variant = variant or "full"
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
-  spec = losses.method_spec(method)
-  if loss not in heads.LOSSES:
-    raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(heads.LOSSES)}")
 
   c = ml_collections.ConfigDict()
-  c.method = method
+  c.method = ""                     # set by the experiment: one of losses.METHODS
   c.variant = variant
   c.seed = 0
 
   c.loss = ml_collections.ConfigDict()
-  c.loss.name = loss
+  c.loss.name = ""
   c.loss.scale = 64.0
-  c.loss.margin = PAPER_MARGIN[loss]
+  c.loss.margin = 0.0
+  set_loss(c, loss)
 
-  # Paper-best values (Amada et al., "Performance on Legitimate Samples").
-  c.adp = ml_collections.ConfigDict(dict(alpha=2.0, beta=0.5, logits="cosine"))  # grid: beta 0.5, 10, 50
-  c.fdp = ml_collections.ConfigDict(dict(gamma=10.0))                            # grid: 1, 10, 50
-  c.diversity = ml_collections.ConfigDict(dict(eps=1e-6))  # ridge in log det (Pang et al.)
-  # MTER (Zhong & Deng 2019): I-FGSM sign steps towards another identity's feature.
-  c.advt = ml_collections.ConfigDict(dict(
-      margin=0.6,          # paper grid 0.2, 0.6, 1.4, 3.0; 0.6 best
-      iters=10,            # MTER default
-      step_size=1.0 / 255,  # pixel units in [0, 1]
-      epsilon=8.0 / 255,   # L_inf bound of the crafted perturbation
-      weight=1.0))
+  c.diversity = group(eps=1e-6)     # ridge in ADP/FDP's log det (Pang et al.)
 
   c.model = ml_collections.ConfigDict()
   c.model.width = 1.0
@@ -70,7 +109,7 @@ def method_config(method: str, loss: str, variant: str | None = None) -> ml_coll
   c.model.dtype = "float32"         # "bfloat16": bf16 compute, fp32 parameters and loss
 
   c.ensemble = ml_collections.ConfigDict()
-  c.ensemble.num_members = 1 if spec.single else 3  # K = 3 in the paper
+  c.ensemble.num_members = 3        # K = 3 in every ensemble of the paper; single models set 1
   c.ensemble.strategy = "auto"      # unrolled members on CPU, vmap on GPU/TPU
 
   c.data = ml_collections.ConfigDict()
@@ -136,13 +175,6 @@ def method_config(method: str, loss: str, variant: str | None = None) -> ml_coll
     c.data.max_shift = 4
     c.train.steps = 600
     c.train.eval_every = 0
-    # MTER with 3 sign steps of 3/255 (to the same 8/255 ball) in place of 10 of 1/255: each
-    # step costs a forward and backward pass, and 10 would make AdvT (K = 1) cost more than an
-    # ensemble. Measured with 3: 34.6 min, sharing the 2 cores with an attack job (the single
-    # model alone: 5.6 min); test accuracy 0.805. The whole ArcFace suite (faceens.reproduce):
-    # roughly 2 h of training on 2 otherwise idle cores (estimated from the runs trained alone).
-    c.advt.iters = 3
-    c.advt.step_size = 3.0 / 255
   elif variant == "test":
     c.data.kind = "orl"
     c.data.image_size = 32
@@ -151,7 +183,6 @@ def method_config(method: str, loss: str, variant: str | None = None) -> ml_coll
     c.model.blocks = (1, 1, 1, 1)
     c.model.embedding_dim = 16
     c.model.head = "gdc"
-    c.advt.iters = 2
     c.optim.lr = 1e-2
     c.train.batch_size = 8
     c.train.steps = 2
@@ -191,9 +222,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ``ValueError`` naming the field for any invalid setting."""
   for field in ("method", "loss", "model", "ensemble", "data", "optim", "train"):
     if field not in c:
-      raise ValueError(f"config has no field {field!r}; build configs with "
-                       "faceens.configs.method_config(method, loss, variant)")
+      raise ValueError(f"config has no field {field!r}; build configs with an "
+                       "experiments/<loss>_<method>.py file (faceens.configs.experiment)")
   spec = losses.method_spec(c.method)
+  for name, fields in METHOD_GROUPS.items():
+    if uses_group(c.method, name) and (name not in c or any(f not in c[name] for f in fields)):
+      _fail(name, c.get(name), f"a group with {', '.join(fields)} for method {c.method!r} "
+            f"(see experiments/arcface_{c.method}.py)")
   if c.loss.name not in heads.LOSSES:
     _fail("loss.name", c.loss.name, ", ".join(heads.LOSSES))
   if not c.loss.scale > 0:
@@ -249,7 +284,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
           "integers >= 1")
   if c.train.get("eval_every", 0) < 0:
     _fail("train.eval_every", c.train.eval_every, "an integer >= 0 (0: evaluate at the end only)")
-  if c.adp.logits not in ("cosine", "margin"):
+  if spec.regularizer == "adp" and c.adp.logits not in ("cosine", "margin"):
     _fail("adp.logits", c.adp.logits, "cosine, margin")
   if not c.diversity.eps > 0:
     _fail("diversity.eps", c.diversity.eps, "a small positive float (default 1e-6)")
@@ -258,10 +293,25 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
 
 def loss_config(c: ml_collections.ConfigDict) -> losses.LossConfig:
-  return losses.LossConfig(
-      method=c.method, loss=c.loss.name, scale=float(c.loss.scale), margin=float(c.loss.margin),
-      adp_alpha=float(c.adp.alpha), adp_beta=float(c.adp.beta), adp_logits=c.adp.logits,
-      fdp_gamma=float(c.fdp.gamma), det_eps=float(c.diversity.eps))
+  """The loss settings of a validated config (a method's unused groups are absent)."""
+  extra = {}
+  if uses_group(c.method, "adp"):
+    extra = dict(adp_alpha=float(c.adp.alpha), adp_beta=float(c.adp.beta), adp_logits=c.adp.logits)
+  if uses_group(c.method, "fdp"):
+    extra = dict(fdp_gamma=float(c.fdp.gamma))
+  return losses.LossConfig(method=c.method, loss=c.loss.name, scale=float(c.loss.scale),
+                           margin=float(c.loss.margin), det_eps=float(c.diversity.eps), **extra)
+
+
+def recipe(c: ml_collections.ConfigDict) -> dict:
+  """What makes a run what it is, as a plain dict: the config without the data path (runs move)
+  and without the method groups the method does not read (older runs recorded all of them)."""
+  d = json.loads(c.to_json_best_effort())
+  d["data"].pop("root", None)
+  for name in METHOD_GROUPS:
+    if not uses_group(c.method, name):
+      d.pop(name, None)
+  return d
 
 
 def _merge(dst: ml_collections.ConfigDict, src: dict, prefix: str = "") -> None:
@@ -278,8 +328,6 @@ def _merge(dst: ml_collections.ConfigDict, src: dict, prefix: str = "") -> None:
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run was trained with (``workdir/config.json``), on today's defaults."""
-  import json
-  import os
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} not found: {workdir!r} is not a faceens run directory "
@@ -287,7 +335,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   try:
     with open(path) as f:
       raw = json.load(f)
-    c = method_config(raw["method"], raw["loss"]["name"], raw.get("variant", "full"))
+    c = base_config(raw["loss"]["name"], raw.get("variant", "full"))
   except (ValueError, KeyError, TypeError) as e:
     raise ValueError(f"{path} is not a valid faceens config: {e}") from None
   _merge(c, raw)

@@ -55,7 +55,7 @@ class Suite:
 
 def run_config(suite: Suite, method: str) -> ml_collections.ConfigDict:
   """The ``lfw`` variant of ``experiments/<loss>_<method>.py`` on ``suite.lfw`` (tiny if smoke)."""
-  c = configs.method_config(method, suite.loss, "lfw")
+  c = configs.experiment(f"{suite.loss}_{method}", "lfw")
   c.data.root = suite.lfw
   if suite.smoke:
     c.data.image_size = 32
@@ -63,23 +63,14 @@ def run_config(suite: Suite, method: str) -> ml_collections.ConfigDict:
     c.model.width = 0.125
     c.model.blocks = (1, 1, 1, 1)
     c.model.embedding_dim = 16
-    c.advt.iters = 1
+    if configs.uses_group(method, "advt"):
+      c.advt.iters = 1
     c.train.batch_size = 8
     c.train.steps = 4
     c.train.log_every = 2
     c.train.checkpoint_every = 2
   configs.validate(c)
   return c
-
-
-def _recipe(c) -> dict:
-  """The settings that make a run what it is: the config without the data path (runs move) and,
-  for methods without adversarial training, without the unused MTER settings."""
-  d = json.loads(c.to_json_best_effort())
-  d["data"].pop("root", None)
-  if not losses.method_spec(c.method).adversarial:
-    d.pop("advt", None)
-  return d
 
 
 def is_trained(workdir: str, c) -> bool:
@@ -93,7 +84,7 @@ def is_trained(workdir: str, c) -> bool:
     s = json.load(f)
   done = s.get("steps") == c.train.steps and s.get("method") == c.method
   if done:
-    old, new = _recipe(configs.load_run_config(workdir)), _recipe(c)
+    old, new = configs.recipe(configs.load_run_config(workdir)), configs.recipe(c)
     if old != new:
       diff = sorted(f"{k}.{kk}" if isinstance(v, dict) else k for k, v in new.items()
                     for kk in (v if isinstance(v, dict) else [None])

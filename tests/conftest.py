@@ -20,7 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_dir(tmp_path_factory):
   """A tiny trained srv_fdp run (3 steps, evaluated at step 2 and at the end), shared by tests."""
   from faceens import configs, train
-  c = configs.method_config("srv_fdp", "arcface", "test")
+  c = configs.experiment("arcface_srv_fdp", "test")
   c.train.steps = 3
   c.train.eval_every = 2
   workdir = str(tmp_path_factory.mktemp("run"))

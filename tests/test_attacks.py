@@ -80,7 +80,7 @@ def test_done_examples_stay_bit_identical():
 @pytest.fixture(scope="module")
 def small_model():
   """An initialised (untrained) test-size ensemble; attacks do not need a good model."""
-  c = configs.method_config("srv_fdp", "arcface", "test")
+  c = configs.experiment("arcface_srv_fdp", "test")
   state = train.create_train_state(c, 30, train.make_optimizer(c, 10))
   return api.FaceModel(c, {"params": state.params["backbone"], "batch_stats": state.batch_stats})
 
@@ -171,7 +171,7 @@ SHARDED = textwrap.dedent("""
     from faceens import api, configs, sharding, train
     from faceens.attacks import lots
     from tests.test_attacks import _faces
-    c = configs.method_config("srv_fdp", "arcface", "test")
+    c = configs.experiment("arcface_srv_fdp", "test")
     state = train.create_train_state(c, 30, train.make_optimizer(c, 10))
     m = api.FaceModel(c, {"params": state.params["backbone"], "batch_stats": state.batch_stats})
     xs, xt = _faces(m, n=8)

@@ -62,7 +62,7 @@ def test_crop_box_cuts_before_fitting():
 
 def test_crop_in_config_reaches_the_loaders(tmp_path):
   from faceens import configs
-  c = configs.method_config("srv_fdp", "arcface", "test")
+  c = configs.experiment("arcface_srv_fdp", "test")
   assert image_folder.fit_spec(c) == "pad"
   c.data.crop = (10, 5, 20, 20)
   configs.validate(c)

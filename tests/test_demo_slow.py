@@ -10,7 +10,7 @@ from faceens import configs, train
 
 @pytest.mark.slow
 def test_demo_reaches_heldout_accuracy(tmp_path):
-  c = configs.method_config("srv_fdp", "arcface", "demo")
+  c = configs.experiment("arcface_srv_fdp", "demo")
   summary = train.train_and_evaluate(c, str(tmp_path), progress=False)
   with open(os.path.join(tmp_path, "summary.json")) as f:
     assert json.load(f)["heldout_accuracy"] == summary["heldout_accuracy"]

@@ -161,7 +161,7 @@ def test_official_split_sizes():
 def test_train_on_lfw_layout_and_evaluate_on_unseen_folds(tmp_path):
   from faceens import configs, train
   root = make_lfw(tmp_path / "lfw", PEOPLE4, PAIRS4)
-  c = configs.method_config("single", "arcface", "lfw")
+  c = configs.experiment("arcface_single", "lfw")
   configs.validate(c)
   assert (c.data.kind, tuple(c.data.crop), c.data.lfw_test_folds) == ("lfw", (70, 70, 110, 110),
                                                                       (6, 7, 8, 9, 10))

@@ -317,7 +317,7 @@ def test_training_on_a_faces_emore_directory(tmp_path):
   lines = [f"{rel}/s3{i}/1.pgm {rel}/s3{i}/2.pgm 1\n{rel}/s3{i}/1.pgm {rel}/s3{i + 1}/1.pgm 0" for i in range(5)]
   (tmp_path / "pairs.txt").write_text("\n".join(lines) + "\n")
   pack_bin.pack_pairs(str(tmp_path / "pairs.txt"), os.path.join(emore, "lfw.bin"), size=32)
-  c = configs.method_config("srv_fdp", "arcface", "test")
+  c = configs.experiment("arcface_srv_fdp", "test")
   c.data.kind, c.data.root = "ms1mv2", emore
   c.train.steps, c.train.eval_every = 2, 1
   s = train.train_and_evaluate(c, str(tmp_path / "w"), progress=False)

@@ -68,7 +68,7 @@ class Run:
 
 
 def test_real_steps_on_orl_raise_training_accuracy():
-  c = configs.method_config("srv_fdp", "arcface", "test")
+  c = configs.experiment("arcface_srv_fdp", "test")
   c.optim.name, c.optim.lr, c.loss.scale = "adamw", 3e-3, 16.0
   c.train.batch_size, c.train.steps = 32, 40
   run = Run(c)
@@ -122,7 +122,7 @@ def _params(workdir, c):
 
 
 def test_resume_is_bit_identical(tmp_path):
-  c = configs.method_config("srv_fdp", "arcface", "test")
+  c = configs.experiment("arcface_srv_fdp", "test")
   c.model.head = "bn_dropout_fc_bn"  # exercises the per-step dropout key too
   c.train.steps, c.train.checkpoint_every = 4, 2
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
@@ -146,7 +146,7 @@ ONE_STEP = textwrap.dedent("""
     import sys, jax, numpy as np
     from faceens import configs
     from tests.test_train import Run
-    c = configs.method_config("srv_fdp", "arcface", "test")
+    c = configs.experiment("arcface_srv_fdp", "test")
     c.train.batch_size = 8
     run = Run(c)
     m = run.step(0)
@@ -174,16 +174,46 @@ def test_four_simulated_devices_equal_one(tmp_path):
     ("data.kind", "lmdb", "data.kind = 'lmdb' is invalid; valid: orl, image_folder, ms1mv2, tfds"),
 ])
 def test_malformed_config_is_a_clear_error(field, value, match):
-  c = configs.method_config("srv_fdp", "arcface", "test")
+  c = configs.experiment("arcface_srv_fdp", "test")
   section, _, key = field.rpartition(".")
   (c[section] if section else c)[key] = value
   with pytest.raises(ValueError, match=match):
     configs.validate(c)
 
 
+def test_method_groups_are_required_and_unused_ones_ignored(tmp_path):
+  c = configs.experiment("arcface_fdp", "test")
+  del c["fdp"]
+  with pytest.raises(ValueError, match=r"config field fdp = None is invalid; valid: a group with "
+                     r"gamma for method 'fdp' \(see experiments/arcface_fdp.py\)"):
+    configs.validate(c)
+  # Each experiment carries only the groups its method reads; CosFace files are the ArcFace ones
+  # with the CosFace head.
+  for path in EXPERIMENTS:
+    name = os.path.basename(path)[:-3]
+    c = configs.experiment(name, "lfw")
+    assert {g for g in configs.METHOD_GROUPS if g in c} == {
+        g for g in configs.METHOD_GROUPS if configs.uses_group(c.method, g)}, name
+    if name.startswith("cosface"):
+      arc = configs.experiment(name.replace("cosface", "arcface"), "lfw")
+      assert (c.loss.name, c.loss.margin, arc.loss.margin) == ("cosface", 0.35, 0.5)
+      c.loss.name, c.loss.margin = "arcface", 0.5
+      assert c.to_dict() == arc.to_dict()
+  # A run recorded with every group (older runs) has the same recipe as today's experiment.
+  c = configs.experiment("arcface_baseline", "test")
+  raw = json.loads(c.to_json_best_effort())
+  raw["adp"] = {"alpha": 2.0, "beta": 0.5, "logits": "cosine"}
+  raw["advt"] = {"margin": 0.6, "iters": 10}
+  (tmp_path / "config.json").write_text(json.dumps(raw))
+  assert configs.recipe(configs.load_run_config(str(tmp_path))) == configs.recipe(c)
+  with pytest.raises(FileNotFoundError, match="no experiment 'arcface_srv_fdb' in .*; valid: "
+                     "arcface_adp, arcface_advt"):
+    configs.experiment("arcface_srv_fdb")
+
+
 def test_unknown_variant():
   with pytest.raises(ValueError, match="unknown variant 'tiny'; valid: full, demo, lfw, test"):
-    configs.method_config("srv_fdp", "arcface", "tiny")
+    configs.experiment("arcface_srv_fdp", "tiny")
 
 
 def _cli(*args, tmp_path):
@@ -223,10 +253,10 @@ def _member_as_single(state: train.TrainState, k: int, c_single, opt) -> train.T
 def test_member_updates_are_independent(clip_norm):
   """A baseline ensemble's member k after one step equals member k trained alone on the batch:
   no clipping (the paper), and per-member backbone clipping small enough to be active."""
-  c = configs.method_config("baseline", "arcface", "test")
+  c = configs.experiment("arcface_baseline", "test")
   c.ensemble.num_members, c.ensemble.strategy = 2, "unrolled"
   c.optim.clip_norm = clip_norm
-  cs = configs.method_config("single", "arcface", "test")
+  cs = configs.experiment("arcface_single", "test")
   cs.optim.clip_norm = clip_norm
   opt, opt_s = train.make_optimizer(c, 10), train.make_optimizer(cs, 10)
   state = train.create_train_state(c, 30, opt)
@@ -264,8 +294,8 @@ def test_clip_member_backbones_matches_numpy():
 def test_paper_recipe_clips_nothing():
   for method in ("single", "baseline", "srv_fdp"):
     for variant in ("full", "demo"):
-      assert configs.method_config(method, "arcface", variant).optim.clip_norm == 0.0
-  c = configs.method_config("srv_fdp", "arcface", "test")
+      assert configs.experiment(f"arcface_{method}", variant).optim.clip_norm == 0.0
+  c = configs.experiment("arcface_srv_fdp", "test")
   c.optim.clip_norm = -1.0
   with pytest.raises(ValueError, match="optim.clip_norm = -1.0 is invalid"):
     configs.validate(c)
@@ -277,7 +307,7 @@ def test_paper_recipe_clips_nothing():
 def test_non_finite_state_is_never_checkpointed(tmp_path):
   """lr 1e30 blows the parameters up within a few steps; log steps are too rare to notice, the
   check at each save must: the run stops with the hint and every saved checkpoint is finite."""
-  c = configs.method_config("single", "arcface", "test")
+  c = configs.experiment("arcface_single", "test")
   c.optim.name, c.optim.lr, c.optim.momentum = "sgd", 1e30, 0.0
   c.train.steps, c.train.checkpoint_every, c.train.log_every = 6, 1, 1000
   with pytest.raises(train.NonFiniteLossError, match="training became non-finite at step") as e:
@@ -297,7 +327,7 @@ def test_non_finite_state_is_never_checkpointed(tmp_path):
 
 
 def test_resume_skips_a_non_finite_checkpoint(tmp_path):
-  c = configs.method_config("single", "arcface", "test")
+  c = configs.experiment("arcface_single", "test")
   c.train.steps, c.train.checkpoint_every = 2, 1
   train.train_and_evaluate(c, str(tmp_path), stop_after=1, progress=False)
   good = train.load_state(c, str(tmp_path), 30)
