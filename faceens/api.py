@@ -78,7 +78,7 @@ class FaceModel:
   def embedding_fn(self, member=None):
     """``x [B, S, S, 3] in [0, 1] -> [B, d]`` with the variables bound; differentiable."""
     features = self.features_fn(member)
-    return lambda x: jnp.mean(features(x), axis=0)
+    return lambda x: ensemble.ensemble_embedding(features(x))
 
   # ------------------------------------------------------------------ numpy API
 
@@ -137,11 +137,11 @@ class FaceModel:
   def embed(self, images, member=None, flip: bool = False, batch_size: int = 64,
             progress: bool = False) -> np.ndarray:
     """Embeddings ``[B, d]`` (see the module docstring)."""
-    emb = self.member_features(images, member=member, batch_size=batch_size,
-                               progress=progress).mean(axis=0)
+    emb = ensemble.ensemble_embedding(self.member_features(
+        images, member=member, batch_size=batch_size, progress=progress))
     if flip:
-      emb_f = self.member_features(images, member=member, flip=True, batch_size=batch_size,
-                                   progress=progress).mean(axis=0)
+      emb_f = ensemble.ensemble_embedding(self.member_features(
+          images, member=member, flip=True, batch_size=batch_size, progress=progress))
       emb = flip_embedding(emb, emb_f).astype(np.float32)
     return emb
 

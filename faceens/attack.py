@@ -33,6 +33,7 @@ from faceens.attacks import lots
 from faceens.data import image_folder
 from faceens.data import lfw as lfw_data
 from faceens.data.image_folder import DataError
+from faceens.models import ensemble
 
 
 def parse_methods(spec: str) -> list[tuple[str, str, str]]:
@@ -131,7 +132,8 @@ def run_batches(model, x_src, x_tgt, goal, cfg: lots.AttackConfig, *, batch_size
   batch_size = -(-batch_size // n_dev) * n_dev
   variables = model.variables
   tgt_feats = model.member_features(x_tgt, batch_size=batch_size)            # [K, N, d]
-  targets_all = tgt_feats if cfg.objective == "members" else tgt_feats.mean(axis=0)
+  targets_all = (tgt_feats if cfg.objective == "members"
+                 else ensemble.ensemble_embedding(tgt_feats))
   n = len(x_src)
   goal = np.broadcast_to(np.asarray(goal, np.float32), (n,))
 

@@ -32,6 +32,7 @@ from faceens.data import lfw as lfw_data
 from faceens.data import pairs as pairs_data
 from faceens.data import verification_bin
 from faceens.data.image_folder import DataError
+from faceens.models import ensemble
 
 STANDARD_BINS = ("lfw", "cfp_fp", "agedb_30")
 
@@ -151,8 +152,8 @@ def pair_distances(feats: np.ndarray, feats_flip: np.ndarray, pairs: np.ndarray)
   V = verification
   feats, feats_flip = np.asarray(feats, np.float64), np.asarray(feats_flip, np.float64)
   a, b = pairs[:, 0], pairs[:, 1]
-  ens = feats.mean(axis=0)
-  emb = V.flip_embedding(ens, feats_flip.mean(axis=0))
+  ens = ensemble.ensemble_embedding(feats)
+  emb = V.flip_embedding(ens, ensemble.ensemble_embedding(feats_flip))
   flipped = [V.flip_embedding(f, ff) for f, ff in zip(feats, feats_flip)]
   return {"insightface": V.distances(emb[a], emb[b], "squared_l2"),
           "paper": V.distances(ens[a], ens[b], "euclidean"),

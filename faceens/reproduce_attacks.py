@@ -27,6 +27,7 @@ import numpy as np
 
 from faceens import api, attack, evaluate
 from faceens.attacks import lots
+from faceens.models import ensemble
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +120,7 @@ def white_box(model, pairs: dict, plan: Plan, out_dir: str, names, progress: boo
   """Runs each attack of ``names`` on ``model`` (skipping finished ones); ``{name: summary}``."""
   x_src, x_tgt = model.prepare(pairs["src"]), model.prepare(pairs["tgt"])
   feats_t = model.member_features(x_tgt)
-  emb_t = feats_t.mean(0)
+  emb_t = ensemble.ensemble_embedding(feats_t)
   d0 = np.linalg.norm(model.embed(x_src) - emb_t, axis=1)
   thr = float(model.paper_threshold)
   pre = d0 < thr

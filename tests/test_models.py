@@ -147,9 +147,15 @@ def test_ensemble_vmap_equals_each_member_and_unrolled(train):
 
 
 def test_ensemble_embedding_is_mean_of_normalized():
-  f = np.random.default_rng(0).normal(size=(3, 5, 8)).astype(np.float32)
-  ref = np.mean(f / np.linalg.norm(f, axis=-1, keepdims=True), axis=0)
-  np.testing.assert_allclose(ensemble.ensemble_embedding(jnp.asarray(f)), ref, rtol=1e-5)
+  f = np.random.default_rng(0).normal(size=(3, 5, 8))
+  f_tilde = f / np.linalg.norm(f, axis=-1, keepdims=True)
+  ref = (f_tilde[0] + f_tilde[1] + f_tilde[2]) / 3  # E(x) = (1/K) sum_k f~_k, not renormalised
+  normalized = ensemble.l2_normalize(jnp.asarray(f, jnp.float32))
+  np.testing.assert_allclose(ensemble.ensemble_embedding(normalized), ref, rtol=1e-5)
+  np.testing.assert_allclose(ensemble.ensemble_embedding(f_tilde), ref, rtol=1e-12)  # numpy in, out
+  assert isinstance(ensemble.ensemble_embedding(f_tilde), np.ndarray)
+  with pytest.raises(AssertionError, match="rank"):
+    ensemble.ensemble_embedding(f_tilde[0])
 
 
 def test_unknown_strategy():

@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from faceens.models import ensemble
+
 METHODS = ("lots", "ifgsm", "bim", "mifgsm", "pgd", "cw")
 OBJECTIVES = ("ensemble", "members")
 
@@ -90,9 +92,9 @@ def make_losses(features: Callable, targets, objective: str):
   """
   def losses(x):
     f = features(x)
-    emb = jnp.mean(f, axis=0)
+    emb = ensemble.ensemble_embedding(f)
     if objective == "members":
-      tgt_emb = jnp.mean(targets, axis=0)
+      tgt_emb = ensemble.ensemble_embedding(targets)
       loss = jnp.sum(jnp.square(f - targets), axis=(0, 2))
     else:
       tgt_emb = targets

@@ -12,8 +12,8 @@ same numbers (tested):
 ``auto`` picks ``unrolled`` on CPU and ``vmap`` elsewhere. K = 1 (the single model) is the same
 code with a stack of one.
 
-Ensemble embedding (Amada et al., Eq. for F(x)): E(x) = (1/K) sum_k f_k(x) / ||f_k(x)||,
-not renormalised.
+Ensemble embedding (``ensemble_embedding``): E(x) = (1/K) sum_k f_k(x) / ||f_k(x)||, not
+renormalised.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -110,6 +111,18 @@ def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
   return x / jnp.maximum(norm, eps)
 
 
-def ensemble_embedding(features):
-  """E(x) = mean_k of the L2-normalised member features; ``[K, B, d] -> [B, d]``."""
-  return jnp.mean(l2_normalize(features), axis=0)
+def ensemble_embedding(member_features):
+  """The ensemble embedding E(x) = (1/K) sum_k f~_k(x), not renormalised (Amada et al.).
+
+  The one definition used by training-time evaluation, the embedding API, verification and the
+  attacks (LOTS' objective and its success test).
+
+  Args:
+    member_features: ``[K, B, d]`` L2-normalised member features f~_k(x) = f_k(x) / ||f_k(x)||
+      (``FaceModel.apply``'s output), a numpy or a JAX array.
+
+  Returns:
+    ``[B, d]``, the same kind of array.
+  """
+  chex.assert_rank(member_features, 3)
+  return member_features.mean(axis=0)
