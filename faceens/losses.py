@@ -18,12 +18,16 @@ predicts at test time; ``"margin"`` uses the margin logits the CE sees.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
+
+import chex
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from faceens import diversity, heads
+from faceens.models.ensemble import l2_normalize
 
 METHODS = ("single", "baseline", "adp", "fdp", "srv", "srv_adp", "srv_fdp", "advt")
 
@@ -99,16 +103,56 @@ def ensemble_loss(features, class_weights, labels, cfg: LossConfig):
 
 
 def mter_loss(f_adv, f_src, f_tar, margin: float, valid=None):
-  """MTER (Zhong & Deng 2019): mean relu(||f~(x_adv) - f~(x_src)|| - ||f~(x_adv) - f~(x_tar)|| + m).
+  """MTER's hinge (Zhong & Deng 2019), the triplet loss with the adversarial face as anchor.
 
-  Features ``[B, d]`` are L2-normalised first; ``valid [B]`` masks examples without a target of a
-  different identity (the mean is over valid examples).
+  ``mean_b relu(||f~(x_adv) - f~(x_src)|| - ||f~(x_adv) - f~(x_tar)|| + m)`` with
+  ``f~ = f / ||f||``: ``optax.losses.triplet_margin_loss(anchor=f~(x_adv), positive=f~(x_src),
+  negative=f~(x_tar))``.
+
+  Args:
+    f_adv, f_src, f_tar: ``[B, d]`` features of the adversarial, source and target faces.
+    margin: m (the paper's grid 0.2, 0.6, 1.4, 3.0).
+    valid: optional ``[B]`` 0/1 mask of the examples whose target is another identity; the mean
+      is over those.
+
+  Returns:
+    The scalar loss.
   """
-  a, s, t = (x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-             for x in (f_adv, f_src, f_tar))
-  d_pos = jnp.sqrt(jnp.sum(jnp.square(a - s), axis=-1) + 1e-12)
-  d_neg = jnp.sqrt(jnp.sum(jnp.square(a - t), axis=-1) + 1e-12)
-  per = jax.nn.relu(d_pos - d_neg + margin)
+  chex.assert_rank([f_adv, f_src, f_tar], 2)
+  chex.assert_equal_shape([f_adv, f_src, f_tar])
+  a, s, t = (l2_normalize(x) for x in (f_adv, f_src, f_tar))
+  per = optax.losses.triplet_margin_loss(a, s, t, margin=margin, eps=1e-12)
   if valid is None:
     return jnp.mean(per)
   return jnp.sum(per * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+
+
+def mter_targets(f_src, labels):
+  """MTER's target of each example: the next example of the batch (a roll by one).
+
+  Returns ``(f_tar [B, d], valid [B])``, ``valid`` 0 where the target is the same identity.
+  """
+  return jnp.roll(f_src, 1, axis=0), (jnp.roll(labels, 1) != labels).astype(jnp.float32)
+
+
+def advt_loss(craft: Callable, features: Callable, pixels, f_src, labels, margin: float,
+              weight: float):
+  """The AdvT term added to the CE: ``weight * MTER(f(x_adv), f(x), f(x_tar))``.
+
+  Args:
+    craft: ``(pixels, f_tar) -> x_adv``, MTER's attack pulling each face towards its target's
+      feature (``train.craft_mter``: sign steps in an L_inf ball).
+    features: ``x_adv -> [B, d]`` the trained network's features of the crafted faces (a second
+      forward pass in training mode).
+    pixels: ``[B, H, W, 3]`` the batch in [0, 1]; ``f_src``: its features ``[B, d]``; ``labels``.
+    margin, weight: MTER's m and the term's weight.
+
+  Returns:
+    The scalar term (the total loss is CE + this).
+
+  References:
+    Zhong & Deng, "Adversarial Learning with Margin-based Triplet Embedding Regularization", 2019.
+  """
+  f_tar, valid = mter_targets(f_src, labels)
+  x_adv = craft(pixels, f_tar)
+  return weight * mter_loss(features(x_adv), f_src, f_tar, margin, valid)

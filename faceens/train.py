@@ -167,17 +167,18 @@ def make_train_step(c, model: nn.Module, optimizer):
     loss, aux = losses.ensemble_loss(feats, params["head"], labels, loss_cfg)
     if spec.adversarial:
       apply_eval = lambda z: ensemble.apply_members(model, variables, z, strategy=strategy)  # noqa: E731
-      # Target: the next example's feature; pairs of the same identity are masked out.
-      tgt_labels = jnp.roll(labels, 1)
-      f_tar = jnp.roll(feats[0], 1, axis=0)
-      pixels = images.astype(jnp.float32) / 255.0
-      adv = craft_mter(apply_eval, pixels, f_tar, c)
-      f_adv, _ = ensemble.apply_members(model, variables, models.normalize_pixels(adv), train=True,
-                                        rng=jax.random.fold_in(rng, 7919), strategy=strategy)
-      valid = (tgt_labels != labels).astype(jnp.float32)
-      mter = losses.mter_loss(f_adv[0], feats[0], f_tar, c.advt.margin, valid)
-      loss = loss + c.advt.weight * mter
-      aux = dict(aux, reg=-c.advt.weight * mter)
+
+      def adv_features(x_adv):  # the second forward pass, in training mode
+        f_adv, _ = ensemble.apply_members(model, variables, models.normalize_pixels(x_adv),
+                                          train=True, rng=jax.random.fold_in(rng, 7919),
+                                          strategy=strategy)
+        return f_adv[0]
+
+      term = losses.advt_loss(lambda p, t: craft_mter(apply_eval, p, t, c), adv_features,
+                              images.astype(jnp.float32) / 255.0, feats[0], labels,
+                              c.advt.margin, c.advt.weight)
+      loss = loss + term
+      aux = dict(aux, reg=-term)
     return loss, (aux, new_stats)
 
   def train_step(state: TrainState, images, labels):

@@ -62,3 +62,31 @@ def test_mter_loss_matches_numpy():
   ref = np.sum(per * valid) / valid.sum()
   got = losses.mter_loss(*(jnp.asarray(x, jnp.float32) for x in (a, s, t)), 0.6, jnp.asarray(valid))
   np.testing.assert_allclose(float(got), ref, rtol=1e-5)
+
+
+def test_advt_loss_targets_next_example_and_masks_same_identity():
+  rng = np.random.default_rng(1)
+  pixels = rng.uniform(size=(5, 4, 4, 3))
+  proj = rng.normal(size=(48, 6))
+  labels = np.array([0, 0, 1, 2, 2])
+  feat = lambda x: x.reshape(len(x), -1) @ proj  # noqa: E731  a linear "network"
+  f_src = feat(pixels)
+  # craft: a fixed move of every face halfway towards its target's pixels (np.roll by one)
+  x_adv = 0.5 * (pixels + np.roll(pixels, 1, axis=0))
+  n = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+  a, s, t = n(feat(x_adv)), n(f_src), n(np.roll(f_src, 1, axis=0))
+  per = np.maximum(np.linalg.norm(a - s, axis=-1) - np.linalg.norm(a - t, axis=-1) + 0.6, 0)
+  # example b's target is example b - 1 (b = 0: the last); labels 0,0,1,2,2 against 2,0,0,1,2
+  valid = np.array([1, 0, 1, 1, 0])
+  ref = 2.0 * np.sum(per * valid) / valid.sum()
+  seen = []
+
+  def craft(p, f_tar):
+    seen.append(np.asarray(f_tar))
+    return 0.5 * (p + jnp.roll(p, 1, axis=0))
+
+  got = losses.advt_loss(craft, lambda x: x.reshape(len(x), -1) @ jnp.asarray(proj, jnp.float32),
+                         jnp.asarray(pixels, jnp.float32), jnp.asarray(f_src, jnp.float32),
+                         jnp.asarray(labels), 0.6, 2.0)
+  np.testing.assert_allclose(float(got), ref, rtol=1e-5)
+  np.testing.assert_allclose(seen[0], np.roll(f_src, 1, axis=0), rtol=1e-5)
