@@ -16,6 +16,7 @@ restarted run resumes from the latest and ends bit-identical to an uninterrupted
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -298,7 +299,7 @@ def make_pipeline(c, source):
 
 def run_evaluation(c, face_model, state: TrainState, sets) -> dict:
   """``faceens.evaluate`` metrics of the current state on ``sets``."""
-  face_model.variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
+  face_model.variables = _variables(state)
   return evaluate.evaluate_model(face_model, sets)
 
 
@@ -374,16 +375,38 @@ def _truncate_metrics(path: str, step: int) -> None:
     f.writelines(lines)
 
 
-def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
-                       progress: bool = True) -> dict:
-  """Trains (resuming from ``workdir`` if it holds checkpoints), evaluates, writes summary.json.
+@dataclasses.dataclass
+class Setup:
+  """Everything a run holds before its first step (``setup``): data, model, state, step."""
+  c: ml_collections.ConfigDict
+  train_set: Any
+  held: Any
+  data_iter: Any
+  num_steps: int
+  model: nn.Module
+  mesh: Any
+  state: TrainState
+  step_fn: Any
+  eval_sets: list
+  face_model: Any                   # api.FaceModel bound to the state, or None without eval sets
+  mngr: Any = None                  # orbax CheckpointManager; None without a workdir
+  start: int = 0                    # the step training resumes from
 
-  ``stop_after``: stop after this many steps as if the process were killed (for resume tests):
-  nothing is saved beyond the regular checkpoints and no summary is written.
-  """
+  def next_batch(self):
+    """The next global batch, placed on the mesh."""
+    images, labels = next(self.data_iter)
+    return sharding.put_batch(self.mesh, images, labels)
+
+  def step(self):
+    """One training step; the (device) metrics."""
+    self.state, metrics = self.step_fn(self.state, *self.next_batch())
+    return metrics
+
+
+def setup(c: ml_collections.ConfigDict, workdir: str | None = None) -> Setup:
+  """Validates ``c`` and builds a run: data pipeline, model, optimizer, sharded state and step,
+  evaluation sets; with ``workdir``, the checkpoint manager and the state restored from it."""
   configs.validate(c)
-  os.makedirs(workdir, exist_ok=True)
-  is_main = jax.process_index() == 0
   train_set, held = load_datasets(c)
   if c.train.batch_size > len(train_set):
     raise ValueError(f"config field train.batch_size = {c.train.batch_size} exceeds the "
@@ -392,64 +415,102 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
   if c.train.batch_size % mesh.size:
     raise ValueError(f"config field train.batch_size = {c.train.batch_size} must be divisible "
                      f"by the number of devices ({mesh.size})")
-  data = make_pipeline(c, train_set)
-  data_iter = iter(data)
+  data_iter = iter(make_pipeline(c, train_set))
   num_steps = total_steps(c, pipeline.steps_per_epoch(train_set, c.train.batch_size))
   optimizer = make_optimizer(c, num_steps)
   model = models.get_model(c)
   state = create_train_state(c, train_set.num_classes, optimizer)
-  mngr = _checkpoint_manager(workdir, c)
-  state = restore_or_init(mngr, state, data_iter)
+  mngr = None
+  if workdir is not None:
+    mngr = _checkpoint_manager(workdir, c)
+    state = restore_or_init(mngr, state, data_iter)
   start = int(state.step)
   state = sharding.replicate(state, mesh)
   step_fn = sharding.shard_train_step(make_train_step(c, model, optimizer), mesh, state)
-
   eval_sets = evaluate.run_sets(
       c, held, c.data.heldout_root or c.data.root or "bundled ORL s31-s40")
   if c.train.eval_every and not eval_sets:
     raise ValueError(f"config field train.eval_every = {c.train.eval_every} needs evaluation "
                      "pairs: data.kind=orl, image_folder with data.heldout_root, or ms1mv2 with "
                      "lfw.bin / cfp_fp.bin / agedb_30.bin in data.root")
-  face_model = api.FaceModel(c, {"params": state.params["backbone"],
-                                 "batch_stats": state.batch_stats}) if eval_sets else None
+  face_model = api.FaceModel(c, _variables(state)) if eval_sets else None
+  return Setup(c, train_set, held, data_iter, num_steps, model, mesh, state, step_fn, eval_sets,
+               face_model, mngr, start)
 
+
+def _variables(state: TrainState) -> dict:
+  return {"params": state.params["backbone"], "batch_stats": state.batch_stats}
+
+
+def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
+                       progress: bool = True) -> dict:
+  """Trains (resuming from ``workdir`` if it holds checkpoints), evaluates, writes summary.json.
+
+  ``stop_after``: stop after this many steps as if the process were killed (for resume tests):
+  nothing is saved beyond the regular checkpoints and no summary is written.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  run = setup(c, workdir)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  if is_main:
+  if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(c.to_json_best_effort(indent=2))
-    _truncate_metrics(metrics_path, start)
-  n_params = sum(x.size for x in jax.tree.leaves(state.params["backbone"]))
-  if is_main and progress:
-    print("method=%s loss=%s K=%d backbone params=%.2fM (%.2fM per member) train images=%d "
-          "classes=%d steps=%d (from %d) devices=%d" % (c.method, c.loss.name, c.ensemble.num_members,
-               n_params / 1e6, n_params / 1e6 / c.ensemble.num_members, len(train_set),
-          train_set.num_classes, num_steps, start, mesh.size), flush=True)
-
-  schedule = learning_rate_schedule(c, num_steps)
-  bar = tqdm(total=num_steps, initial=start, disable=not (progress and is_main), unit="step",
-             dynamic_ncols=True, desc=f"{c.loss.name}_{c.method}")
+    _truncate_metrics(metrics_path, run.start)
+    if progress:
+      _print_start(run)
   t_loop = time.perf_counter()
-  t_window, n_window, steady_images, steady_time = time.perf_counter(), 0, 0, 0.0
-  compiled_at = None
-  last = {}
+  log = train_loop(run, metrics_path, stop_after=stop_after, progress=progress)
+  if log is None:
+    return {"steps": int(run.state.step), "stopped": True}
+  del run.data_iter  # stops grain's worker processes and frees their shared memory
+  return finish(run, workdir, log, time.perf_counter() - t_loop)
+
+
+def _print_start(run: Setup) -> None:
+  c, n = run.c, _backbone_params(run.state)
+  print("method=%s loss=%s K=%d backbone params=%.2fM (%.2fM per member) train images=%d "
+        "classes=%d steps=%d (from %d) devices=%d" % (
+            c.method, c.loss.name, c.ensemble.num_members, n / 1e6,
+            n / 1e6 / c.ensemble.num_members, len(run.train_set), run.train_set.num_classes,
+            run.num_steps, run.start, run.mesh.size), flush=True)
+
+
+def _backbone_params(state: TrainState) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(state.params["backbone"])))
+
+
+@dataclasses.dataclass
+class _Log:
+  """What the loop measured: the last logged metrics and the steady-state throughput."""
+  last: dict = dataclasses.field(default_factory=dict)
+  steady_images: int = 0
+  steady_time: float = 0.0
+
+
+def train_loop(run: Setup, metrics_path: str, *, stop_after: int | None = None,
+               progress: bool = True) -> _Log | None:
+  """Steps ``run`` (from ``setup(c, workdir)``) to ``run.num_steps``: logs every ``train.log_every`` steps, evaluates every
+  ``train.eval_every``, checkpoints every ``train.checkpoint_every`` (never a non-finite state).
+  Returns None when stopped early by ``stop_after``."""
+  c, mngr, is_main = run.c, run.mngr, jax.process_index() == 0
+  schedule = learning_rate_schedule(c, run.num_steps)
+  bar = tqdm(total=run.num_steps, initial=run.start, disable=not (progress and is_main),
+             unit="step", dynamic_ncols=True, desc=f"{c.loss.name}_{c.method}")
+  log, t_window, n_window, compiled = _Log(), time.perf_counter(), 0, False
   metrics = None
-  for step in range(start, num_steps):
-    images, labels = next(data_iter)
-    images, labels = sharding.put_batch(mesh, images, labels)
-    prev_metrics = metrics
-    state, metrics = step_fn(state, images, labels)
+  for step in range(run.start, run.num_steps):
+    prev_metrics, metrics = metrics, run.step()
     if prev_metrics is not None:
       # At most two steps in flight: the host prepares batch t + 1 while step t runs, and the
       # progress bar and ETA follow real compute rather than asynchronous dispatch.
       jax.block_until_ready(prev_metrics)
     n_window += c.train.batch_size
     done = step + 1
-    if compiled_at is None:
+    if not compiled:  # the first step's time is compilation: not counted in img/s
       jax.block_until_ready(metrics)
-      compiled_at = time.perf_counter()
-      t_window, n_window = compiled_at, 0
-    is_log = done % c.train.log_every == 0 or done == num_steps
-    will_save = done == num_steps or mngr.should_save(done)
+      compiled, t_window, n_window = True, time.perf_counter(), 0
+    is_log = done % c.train.log_every == 0 or done == run.num_steps
+    will_save = done == run.num_steps or mngr.should_save(done)
     if is_log or will_save:
       m = jax.device_get(metrics)
       if not m["finite"]:  # never log or checkpoint a non-finite state: every resume would load it
@@ -458,65 +519,74 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
     if is_log:
       now = time.perf_counter()
       ips = n_window / max(now - t_window, 1e-9) if n_window else float("nan")
-      if n_window:
-        steady_images += n_window
-        steady_time += now - t_window
+      log.steady_images, log.steady_time = log.steady_images + n_window, log.steady_time + (
+          now - t_window if n_window else 0.0)
       t_window, n_window = now, 0
-      last = {k: float(v) for k, v in m.items() if k != "finite"}
-      lr = float(schedule(step))
-      record = {"step": done, "lr": lr, "img_per_s": ips, **last}
-      if is_main:
-        with open(metrics_path, "a") as f:
-          f.write(json.dumps(record) + "\n")
-      bar.set_postfix(loss=f"{last['loss']:.3f}", ce=f"{last['ce']:.3f}", reg=f"{last['reg']:.3f}",
-                      acc=f"{last['accuracy']:.2f}", img_s=f"{ips:.1f}")
-    if c.train.eval_every and done % c.train.eval_every == 0 and done != num_steps:
-      results = run_evaluation(c, face_model, state, eval_sets)
-      record = {"step": done, "eval": {
-          name: {"accuracy": r["accuracy"], "accuracy_std": r["accuracy_std"],
-                 "roc_auc": r["roc_auc"], "paper_accuracy": r["paper"]["accuracy"],
-                 "member_accuracy": [m["accuracy"] for m in r["members"]]}
-          for name, r in results.items()}}
-      if is_main:
-        with open(metrics_path, "a") as f:
-          f.write(json.dumps(record) + "\n")
-      if progress and is_main:
-        bar.write(f"step {done}: " + ", ".join(
-            f"{n} accuracy {r['accuracy']:.4f} (paper {r['paper']['accuracy']:.4f})"
-            for n, r in results.items()))
+      log.last = {k: float(v) for k, v in m.items() if k != "finite"}
+      _append(metrics_path, {"step": done, "lr": float(schedule(step)), "img_per_s": ips,
+                             **log.last}, is_main)
+      bar.set_postfix(loss=f"{log.last['loss']:.3f}", ce=f"{log.last['ce']:.3f}",
+                      reg=f"{log.last['reg']:.3f}", acc=f"{log.last['accuracy']:.2f}",
+                      img_s=f"{ips:.1f}")
+    if c.train.eval_every and done % c.train.eval_every == 0 and done != run.num_steps:
+      _evaluate_during_training(run, done, metrics_path, bar if progress and is_main else None)
     bar.update(1)
     if will_save:
-      mngr.save(done, args=_save_args(state, data_iter), force=(done == num_steps))
+      mngr.save(done, args=_save_args(run.state, run.data_iter), force=(done == run.num_steps))
     if stop_after is not None and done >= stop_after:
       _close_quietly(mngr, bar)
-      return {"steps": done, "stopped": True}
+      return None
   _close_quietly(mngr, bar)
-  del data_iter  # stops grain's worker processes and frees their shared memory
-  train_seconds = time.perf_counter() - t_loop
+  return log
+
+
+def _append(path: str, record: dict, is_main: bool) -> None:
+  if is_main:
+    with open(path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+def _evaluate_during_training(run: Setup, done: int, metrics_path: str, bar) -> None:
+  results = run_evaluation(run.c, run.face_model, run.state, run.eval_sets)
+  _append(metrics_path, {"step": done, "eval": {
+      name: {"accuracy": r["accuracy"], "accuracy_std": r["accuracy_std"],
+             "roc_auc": r["roc_auc"], "paper_accuracy": r["paper"]["accuracy"],
+             "member_accuracy": [m["accuracy"] for m in r["members"]]}
+      for name, r in results.items()}}, jax.process_index() == 0)
+  if bar is not None:
+    bar.write(f"step {done}: " + ", ".join(
+        f"{n} accuracy {r['accuracy']:.4f} (paper {r['paper']['accuracy']:.4f})"
+        for n, r in results.items()))
+
+
+def finish(run: Setup, workdir: str, log: _Log, train_seconds: float) -> dict:
+  """The final evaluation (``eval.json``) and ``summary.json``; returns the summary."""
+  c, last = run.c, log.last
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
   if not last and os.path.exists(metrics_path):  # already finished: report the logged end
     with open(metrics_path) as f:
       lines = [json.loads(l) for l in f if l.strip()]
     lines = [l for l in lines if "loss" in l]
     last = {k: v for k, v in lines[-1].items() if k not in ("step", "lr", "img_per_s")} if lines else {}
-
   summary = {
       "method": c.method, "loss": c.loss.name, "variant": c.variant,
-      "num_members": c.ensemble.num_members, "steps": num_steps, "resumed_from": start,
+      "num_members": c.ensemble.num_members, "steps": run.num_steps, "resumed_from": run.start,
       "final_loss": last.get("loss", float("nan")), "final_ce": last.get("ce", float("nan")),
       "final_reg": last.get("reg", float("nan")), "final_train_accuracy": last.get("accuracy"),
       "train_seconds": train_seconds,
-      "img_per_s": steady_images / steady_time if steady_time > 0 else float("nan"),
-      "backbone_params": int(n_params), "devices": int(mesh.size), "backend": jax.default_backend(),
-      "heldout_accuracy": None,
+      "img_per_s": log.steady_images / log.steady_time if log.steady_time > 0 else float("nan"),
+      "backbone_params": _backbone_params(run.state), "devices": int(run.mesh.size),
+      "backend": jax.default_backend(), "heldout_accuracy": None,
   }
-  if eval_sets:
-    results = run_evaluation(c, face_model, state, eval_sets)
+  is_main = jax.process_index() == 0
+  if run.eval_sets:
+    results = run_evaluation(c, run.face_model, run.state, run.eval_sets)
     if "heldout" in results:
       summary.update(heldout_summary(results))
     summary["eval"] = {n: {"accuracy": r["accuracy"], "paper_accuracy": r["paper"]["accuracy"]}
                        for n, r in results.items()}
     if is_main:
-      evaluate.write_eval_json(workdir, c, int(state.step), face_model.num_members, results)
+      evaluate.write_eval_json(workdir, c, int(run.state.step), run.face_model.num_members, results)
   if is_main:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)

@@ -15,8 +15,8 @@ import numpy as np
 import optax
 import pytest
 
-from faceens import api, configs, heads, models, sharding, train
-from faceens.data import demo, image_folder, pipeline
+from faceens import api, configs, heads, models, train
+from faceens.data import demo, image_folder
 from tests.conftest import REPO, run_on_simulated_devices
 
 STEP_COSFACE = ("single", "srv_fdp")  # CosFace configs that also run a training step
@@ -31,32 +31,24 @@ def load_experiment(path, variant):
 
 
 class Run:
-  """The trainer's pieces without checkpoints, for step-level tests."""
+  """``train.setup`` without a workdir (no checkpoints), with a training-accuracy probe."""
 
   def __init__(self, c):
-    configs.validate(c)
-    self.c = c
-    self.source, self.held = train.load_datasets(c)
-    self.data = iter(train.make_pipeline(c, self.source))
+    self.run = train.setup(c)
     self.train_set = image_folder.load_image_folder(demo.orl_root(), c.data.image_size, c.data.fit,
                                                     demo.TRAIN_IDENTITIES)
-    steps = train.total_steps(c, pipeline.steps_per_epoch(self.source, c.train.batch_size))
-    self.model = models.get_model(c)
-    opt = train.make_optimizer(c, steps)
-    self.mesh = sharding.make_mesh()
-    self.state = sharding.replicate(train.create_train_state(c, self.train_set.num_classes, opt), self.mesh)
-    self.step_fn = sharding.shard_train_step(train.make_train_step(c, self.model, opt), self.mesh,
-                                          self.state)
     self.face_model = api.FaceModel(c, self.variables())
+
+  @property
+  def state(self):
+    return self.run.state
 
   def variables(self):
     return {"params": self.state.params["backbone"], "batch_stats": self.state.batch_stats}
 
   def step(self, t):
     del t  # the pipeline yields the batches in order
-    x, y = next(self.data)
-    self.state, m = self.step_fn(self.state, *sharding.put_batch(self.mesh, x, y))
-    return jax.device_get(m)
+    return jax.device_get(self.run.step())
 
   def train_accuracy(self, n=120):
     """Eval-mode top-1 of the cosine head on a fixed subset of training images, member mean."""
