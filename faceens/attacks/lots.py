@@ -84,7 +84,8 @@ def _per_example(fn):
 
 
 def make_losses(features: Callable, targets, objective: str):
-  """``x -> (loss [B], dist [B])``.
+  """LOTS' objective (Rozsa et al. 2017): ``x -> (loss [B], dist [B])`` with
+  ``loss = ||E(x) - t||^2`` and ``dist = ||E(x) - E(x_t)||`` (``models.ensemble_embedding``).
 
   ``features(x) -> [K, B, d]`` normalised member features; ``targets``: ``[B, d]`` ensemble
   embeddings (``objective="ensemble"``) or ``[K, B, d]`` member features (``"members"``).
@@ -104,6 +105,105 @@ def make_losses(features: Callable, targets, objective: str):
   return losses
 
 
+@dataclasses.dataclass(frozen=True)
+class StepRule:
+  """A gradient step rule: ``init(x0) -> aux`` and ``direction(g, aux, active, cfg) -> (step,
+  aux)``; the iterate moves to ``clip(x - cfg.step_size * step)``, clipped to [0, 1] or, when
+  ``projected``, to the L_inf ball of ``cfg.epsilon`` around the source."""
+  init: Callable
+  direction: Callable
+  projected: bool = False
+
+
+def _no_aux(x0):
+  return ()
+
+
+def _lots_direction(g, aux, active, cfg):
+  """Rozsa et al.: the gradient scaled by its max-norm (the largest pixel change is the step)."""
+  scale = jnp.max(jnp.abs(g), axis=_rest(g), keepdims=True)
+  return g / jnp.maximum(scale, 1e-30), aux
+
+
+def _sign_direction(g, aux, active, cfg):
+  """I-FGSM / BIM / PGD: the sign of the gradient."""
+  return jnp.sign(g), aux
+
+
+def _momentum_direction(g, aux, active, cfg):
+  """MI-FGSM (Dong et al. 2018): the sign of ``mu * m + g / ||g||_1``."""
+  l1 = jnp.sum(jnp.abs(g), axis=_rest(g), keepdims=True)
+  mom = cfg.momentum * aux[0] + g / jnp.maximum(l1, 1e-30)
+  return jnp.sign(mom), (jnp.where(_bcast(active, mom), mom, aux[0]),)
+
+
+STEP_RULES = {
+    "lots": StepRule(_no_aux, _lots_direction),
+    "ifgsm": StepRule(_no_aux, _sign_direction),
+    "bim": StepRule(_no_aux, _sign_direction, projected=True),
+    "pgd": StepRule(_no_aux, _sign_direction, projected=True),
+    "mifgsm": StepRule(lambda x0: (jnp.zeros_like(x0),), _momentum_direction),
+}
+
+
+def cw_objective(losses, x_src, goal, c_w):
+  """Carlini-Wagner L2 in tanh space: ``w -> ||x(w) - x_s||^2 + c * max(d(x(w))^2 / goal^2 - 1,
+  0)`` per example, with ``x(w) = (tanh(w) + 1) / 2`` and ``d`` LOTS' distance (``make_losses``).
+  """
+  def objective(w):
+    xw = 0.5 * (jnp.tanh(w) + 1.0)
+    _, dist = losses(xw)
+    l2 = jnp.sum(jnp.square(xw - x_src), axis=_rest(xw))
+    return l2 + c_w * jnp.maximum(jnp.square(dist / goal) - 1.0, 0.0)
+  return objective
+
+
+def _cw_init(losses, x_src, x0, goal, cfg):
+  """CW's state: ``(w, Adam m, Adam v, best successful x, its L2^2, iterations since it
+  improved, c)`` and whether each example is done before the first iteration."""
+  b = x_src.shape[0]
+  w0 = jnp.arctanh(jnp.clip(2.0 * x0 - 1.0, -1 + 1e-6, 1 - 1e-6))
+  _, d0 = losses(x0)
+  ok0 = d0 < goal
+  aux0 = (w0, jnp.zeros_like(w0), jnp.zeros_like(w0), x0,
+          jnp.where(ok0, jnp.sum(jnp.square(x0 - x_src), axis=_rest(x0)), jnp.inf),
+          jnp.zeros((b,), jnp.int32), jnp.full((b,), cfg.cw_c, x0.dtype))
+  return aux0, ok0 & (cfg.cw_patience == 0)
+
+
+def _cw_iteration(losses, x_src, goal, cfg, x, done, iters, aux):
+  """One Adam step on ``cw_objective`` for the active examples, then the bookkeeping: the best
+  successful iterate, patience, and c x10 when an example has not succeeded for a while."""
+  active = ~done
+  w, m, v, best_x, best_l2, since, c_w = aux
+  _, g = _per_example(cw_objective(losses, x_src, goal, c_w))(w)
+  # Adam written out: each example keeps its own step count t, and the committed LFW results
+  # were made with exactly these operations (optax.adam rounds lr * m / sqrt(v) differently).
+  t = (iters + 1).astype(w.dtype)
+  m2 = 0.9 * m + 0.1 * g
+  v2 = 0.999 * v + 0.001 * jnp.square(g)
+  mhat = m2 / _bcast(1 - 0.9 ** t, m2)
+  vhat = v2 / _bcast(1 - 0.999 ** t, v2)
+  w2 = w - cfg.cw_lr * mhat / (jnp.sqrt(vhat) + 1e-8)
+  keep = _bcast(active, w)
+  w2, m2, v2 = (jnp.where(keep, a2, a1) for a1, a2 in zip((w, m, v), (w2, m2, v2)))
+  x_new = 0.5 * (jnp.tanh(w2) + 1.0)
+  x = jnp.where(_bcast(active, x), x_new, x)
+  iters = iters + active.astype(jnp.int32)
+  _, dist = losses(x)
+  l2 = jnp.sum(jnp.square(x - x_src), axis=_rest(x))
+  better = active & (dist < goal) & (l2 < best_l2)
+  best_x = jnp.where(_bcast(better, x), x, best_x)
+  best_l2 = jnp.where(better, l2, best_l2)
+  since = jnp.where(better, 0, since + active.astype(jnp.int32))
+  # No success for cw_patience iterations: the distance term weighs 10x more (in place of
+  # Carlini and Wagner's search over c).
+  stuck = active & ~jnp.isfinite(best_l2) & (since > 0) & (since % max(cfg.cw_patience, 10) == 0)
+  c_w = jnp.where(stuck, c_w * 10.0, c_w)
+  done = done | (jnp.isfinite(best_l2) & (since >= cfg.cw_patience))
+  return x, done, iters, (w2, m2, v2, best_x, best_l2, since, c_w)
+
+
 def init_state(losses, x_src, x0, goal, cfg: AttackConfig, key):
   """The per-example loop state ``(x, done, iterations, aux)`` before the first iteration; every
   array has the batch as its leading axis, so a subset of examples can be resumed alone."""
@@ -112,20 +212,11 @@ def init_state(losses, x_src, x0, goal, cfg: AttackConfig, key):
     lo, hi = _ball(x_src, cfg)
     x0 = jnp.clip(x0 + jax.random.uniform(key, x0.shape, x0.dtype, -cfg.epsilon, cfg.epsilon),
                   lo, hi)
-  done0 = jnp.zeros((b,), bool)  # sign-type rules: found done at the top of the first iteration
   if cfg.method == "cw":
-    w0 = jnp.arctanh(jnp.clip(2.0 * x0 - 1.0, -1 + 1e-6, 1 - 1e-6))
-    _, d0 = losses(x0)
-    ok0 = d0 < goal
-    # (w, Adam m, Adam v, best successful x, its L2^2, iterations since it improved, c)
-    aux0 = (w0, jnp.zeros_like(w0), jnp.zeros_like(w0), x0,
-            jnp.where(ok0, jnp.sum(jnp.square(x0 - x_src), axis=_rest(x0)), jnp.inf),
-            jnp.zeros((b,), jnp.int32), jnp.full((b,), cfg.cw_c, x0.dtype))
-    done0 = ok0 & (cfg.cw_patience == 0)
-  elif cfg.method == "mifgsm":
-    aux0 = (jnp.zeros_like(x0),)
+    aux0, done0 = _cw_init(losses, x_src, x0, goal, cfg)
   else:
-    aux0 = ()
+    # Gradient rules find an example done at the top of its first iteration.
+    aux0, done0 = STEP_RULES[cfg.method].init(x0), jnp.zeros((b,), bool)
   return (x0, done0, jnp.zeros((b,), jnp.int32), aux0)
 
 
@@ -147,7 +238,6 @@ def run_state(losses, x_src, state, goal, cfg: AttackConfig):
     return vjp(jnp.ones_like(loss))[0], dist
 
   lo, hi = _ball(x_src, cfg)
-  projected = cfg.method in ("bim", "pgd")
 
   def cond(s):
     i, (_, done, _, _) = s
@@ -155,60 +245,17 @@ def run_state(losses, x_src, state, goal, cfg: AttackConfig):
 
   def body(s):
     i, (x, done, iters, aux) = s
-    if cfg.method != "cw":
-      g, dist = grad_and_dist(x)
-      done = done | (dist < goal)
+    if cfg.method == "cw":
+      return i + 1, _cw_iteration(losses, x_src, goal, cfg, x, done, iters, aux)
+    rule = STEP_RULES[cfg.method]
+    g, dist = grad_and_dist(x)
+    done = done | (dist < goal)
     active = ~done
-    if cfg.method == "cw":
-      w, m, v, best_x, best_l2, since, c_w = aux
-
-      def cw_loss(w):
-        xw = 0.5 * (jnp.tanh(w) + 1.0)
-        _, dist = losses(xw)
-        l2 = jnp.sum(jnp.square(xw - x_src), axis=_rest(x))
-        return l2 + c_w * jnp.maximum(jnp.square(dist / goal) - 1.0, 0.0)
-
-      _, g = _per_example(cw_loss)(w)
-      t = (iters + 1).astype(w.dtype)
-      m2 = 0.9 * m + 0.1 * g
-      v2 = 0.999 * v + 0.001 * jnp.square(g)
-      mhat = m2 / _bcast(1 - 0.9 ** t, m2)
-      vhat = v2 / _bcast(1 - 0.999 ** t, v2)
-      w2 = w - cfg.cw_lr * mhat / (jnp.sqrt(vhat) + 1e-8)
-      keep = _bcast(active, w)
-      w2, m2, v2 = (jnp.where(keep, a2, a1) for a1, a2 in zip((w, m, v), (w2, m2, v2)))
-      x_new = 0.5 * (jnp.tanh(w2) + 1.0)
-    else:
-      if cfg.method == "lots":
-        scale = jnp.max(jnp.abs(g), axis=_rest(g), keepdims=True)
-        step = g / jnp.maximum(scale, 1e-30)
-        new_aux = aux
-      elif cfg.method == "mifgsm":
-        l1 = jnp.sum(jnp.abs(g), axis=_rest(g), keepdims=True)
-        mom = cfg.momentum * aux[0] + g / jnp.maximum(l1, 1e-30)
-        new_aux = (jnp.where(_bcast(active, mom), mom, aux[0]),)
-        step = jnp.sign(mom)
-      else:
-        step = jnp.sign(g)
-        new_aux = aux
-      x_new = x - cfg.step_size * step
-      x_new = jnp.clip(x_new, lo, hi) if projected else jnp.clip(x_new, 0.0, 1.0)
+    step, aux = rule.direction(g, aux, active, cfg)
+    x_new = x - cfg.step_size * step
+    x_new = jnp.clip(x_new, lo, hi) if rule.projected else jnp.clip(x_new, 0.0, 1.0)
     x = jnp.where(_bcast(active, x), x_new, x)
-    iters = iters + active.astype(jnp.int32)
-    if cfg.method == "cw":
-      _, dist = losses(x)
-      l2 = jnp.sum(jnp.square(x - x_src), axis=_rest(x))
-      better = active & (dist < goal) & (l2 < best_l2)
-      best_x = jnp.where(_bcast(better, x), x, best_x)
-      best_l2 = jnp.where(better, l2, best_l2)
-      since = jnp.where(better, 0, since + active.astype(jnp.int32))
-      # No success for cw_patience iterations: the distance term weighs 10x more (in place of
-      # Carlini and Wagner's search over c).
-      stuck = active & ~jnp.isfinite(best_l2) & (since > 0) & (since % max(cfg.cw_patience, 10) == 0)
-      c_w = jnp.where(stuck, c_w * 10.0, c_w)
-      new_aux = (w2, m2, v2, best_x, best_l2, since, c_w)
-      done = done | (jnp.isfinite(best_l2) & (since >= cfg.cw_patience))
-    return i + 1, (x, done, iters, new_aux)
+    return i + 1, (x, done, iters + active.astype(jnp.int32), aux)
 
   _, state = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state))
   return state
