@@ -1,15 +1,9 @@
 """ArcFace: a single model with MTER adversarial training (Zhong & Deng 2019), margin 0.6.
 
   python -m faceens.train --config=experiments/arcface_advt.py:demo --workdir=runs/arcface_advt
-  python -m faceens.train --config=experiments/arcface_advt.py:lfw --config.data.root=LFW_DIR --workdir=DIR
-  python -m faceens.train --config=experiments/arcface_advt.py --config.data.root=FACES_EMORE --workdir=DIR
 
-Cost on a 2-core CPU: demo about 8 min, lfw about 35 min with 3 MTER
-steps (34.6 measured, sharing the cores);
-full (the paper's 20 epochs of MS1MV2): days on one GPU.
-Variants and the shared recipe: faceens/configs.py.
-
-Grid of the paper: --config.advt.margin=0.2, 1.4 or 3.0.
+Paper grid: --config.advt.margin=0.2, 1.4 or 3.0. 2 CPU cores: demo about 8 min, lfw about 35 min.
+Variants and commands: faceens/configs.py.
 """
 
 from faceens import configs

@@ -1,14 +1,9 @@
 """ArcFace: ensemble + FDP, gamma = 10 (the paper's feature diversity, Eq. 6).
 
   python -m faceens.train --config=experiments/arcface_fdp.py:demo --workdir=runs/arcface_fdp
-  python -m faceens.train --config=experiments/arcface_fdp.py:lfw --config.data.root=LFW_DIR --workdir=DIR
-  python -m faceens.train --config=experiments/arcface_fdp.py --config.data.root=FACES_EMORE --workdir=DIR
 
-Cost on a 2-core CPU: demo about 7 min, lfw about 17 min (srv_fdp alone: 16.7);
-full (the paper's 20 epochs of MS1MV2): days on one GPU.
-Variants and the shared recipe: faceens/configs.py.
-
-Grid of the paper: --config.fdp.gamma=1 or 50.
+Paper grid: --config.fdp.gamma=1 or 50. 2 CPU cores: demo about 7 min, lfw about 17 min. Variants
+and commands: faceens/configs.py.
 """
 
 from faceens import configs

@@ -1,12 +1,8 @@
 """ArcFace: ensemble with SRV, one class-weight matrix shared by the K = 3 members.
 
   python -m faceens.train --config=experiments/arcface_srv.py:demo --workdir=runs/arcface_srv
-  python -m faceens.train --config=experiments/arcface_srv.py:lfw --config.data.root=LFW_DIR --workdir=DIR
-  python -m faceens.train --config=experiments/arcface_srv.py --config.data.root=FACES_EMORE --workdir=DIR
 
-Cost on a 2-core CPU: demo about 7 min, lfw about 17 min (srv_fdp alone: 16.7);
-full (the paper's 20 epochs of MS1MV2): days on one GPU.
-Variants and the shared recipe: faceens/configs.py.
+2 CPU cores: demo about 7 min, lfw about 17 min. Variants and commands: faceens/configs.py.
 """
 
 from faceens import configs

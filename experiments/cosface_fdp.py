@@ -1,19 +1,7 @@
-"""CosFace: ensemble + FDP: arcface_fdp.py's settings, CosFace head (m = 0.35).
-
-  python -m faceens.train --config=experiments/cosface_fdp.py:demo --workdir=runs/cosface_fdp
-  python -m faceens.train --config=experiments/cosface_fdp.py:lfw --config.data.root=LFW_DIR --workdir=DIR
-  python -m faceens.train --config=experiments/cosface_fdp.py --config.data.root=FACES_EMORE --workdir=DIR
-
-Cost on a 2-core CPU: demo about 7 min, lfw about 17 min (srv_fdp alone: 16.7);
-full (the paper's 20 epochs of MS1MV2): days on one GPU.
-Variants and the shared recipe: faceens/configs.py.
-
-Grid of the paper: --config.fdp.gamma=1 or 50.
-"""
+"""CosFace twin of arcface_fdp.py: its method settings, the CosFace head (s = 64, m = 0.35)."""
 
 from faceens import configs
 
 
-def get_config(variant=None):
-  c = configs.experiment("arcface_fdp", variant)
-  return configs.set_loss(c, "cosface")  # s = 64, m = 0.35 (Wang et al. 2018)
+def get_config(variant=None):  # Wang et al. 2018
+  return configs.set_loss(configs.experiment("arcface_fdp", variant), "cosface")

@@ -9,6 +9,7 @@ det(G + eps I) = eps^(K-1) (K + eps) > 0, so the log-det is about (K - 1) log ep
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -44,11 +45,39 @@ def adp_log_det(probs, labels, eps: float = DEFAULT_EPS):
 
 
 def adp(probs, labels, alpha: float, beta: float, eps: float = DEFAULT_EPS):
-  """ADP_{alpha,beta}(x, y) = alpha H(mean_k g_k) + beta log det(M M^T), per example ``[B]``."""
+  """ADP_{alpha,beta}(x, y) = alpha H(mean_k g_k) + beta log det(M~ M~^T + eps I).
+
+  Args:
+    probs: ``[K, B, n]`` member predictions g_k(x) (softmax over classes).
+    labels: ``[B]`` true classes (deleted from M before the determinant).
+    alpha, beta: the weights of the ensemble entropy and the log ensemble diversity.
+    eps: the ridge of the log det (Pang et al.'s det_offset).
+
+  Returns:
+    ``[B]`` per-example values; the loss subtracts their batch mean.
+
+  References:
+    Pang et al., "Improving Adversarial Robustness via Promoting Ensemble Diversity", 2019.
+  """
+  chex.assert_rank([probs, labels], [3, 1])
+  chex.assert_axis_dimension(probs, 1, labels.shape[0])
   return alpha * ensemble_entropy(probs) + beta * adp_log_det(probs, labels, eps)
 
 
 def fdp(features, gamma: float, eps: float = DEFAULT_EPS):
-  """FDP_gamma(x) = gamma log det(F~ F~^T), F~ the K normalised member features; ``[K, B, d] -> [B]``."""
+  """FDP_gamma(x) = gamma log det(F~ F~^T + eps I), F~ the K normalised member features as rows.
+
+  Args:
+    features: ``[K, B, d]`` member features f_k(x) (normalised here).
+    gamma: the weight (the paper's grid 1, 10, 50; 10 best).
+    eps: the ridge of the log det.
+
+  Returns:
+    ``[B]`` per-example values; the loss subtracts their batch mean.
+
+  References:
+    Amada et al., the feature diversity promoting term (L_{E,M,SRV,FDP}).
+  """
+  chex.assert_rank(features, 3)
   normed = l2_normalize(features, axis=-1)
   return gamma * gram_logdet(jnp.swapaxes(normed, 0, 1), eps)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -29,7 +30,20 @@ def init_class_weights(key, num_members: int, dim: int, num_classes: int, srv: b
 
 
 def cosines(features, weights):
-  """cos(theta) ``[K, B, n]`` from features ``[K, B, d]`` and weights ``[d, n]`` or ``[K, d, n]``."""
+  """cos(theta_{k,l}) = W~^k_l . f~_k(x) (per-member heads) or W~_l . f~_k(x) (SRV).
+
+  Args:
+    features: ``[K, B, d]`` member features f_k(x) (normalised here).
+    weights: ``[K, d, n]`` per-member class weights, or ``[d, n]``: SRV's one shared matrix.
+
+  Returns:
+    ``[K, B, n]`` cosines.
+
+  References:
+    Amada et al., "Our Solution" (SRV); Deng et al. 2019 (normalised weights and features).
+  """
+  chex.assert_rank(features, 3)
+  chex.assert_rank(weights, {2, 3})
   f = l2_normalize(features, axis=-1)
   w = l2_normalize(weights, axis=-2)
   if w.ndim == 2:  # SRV: one W shared by all members
@@ -55,9 +69,23 @@ def arcface_target(cos_y, margin: float):
 
 
 def margin_logits(cos, labels, loss: str, scale: float, margin: float):
-  """Scaled logits with the margin applied to each example's true class; ``cos [..., B, n]``."""
+  """L_ARC / L_COS logits: s cos(theta_l) for l != y, and for the true class y
+  s cos(theta_y + m) (ArcFace, with InsightFace's fallback) or s (cos(theta_y) - m) (CosFace).
+
+  Args:
+    cos: ``[..., B, n]`` cosines (``cosines``); labels: ``[B]`` true classes.
+    loss: ``arcface`` or ``cosface``; scale: s; margin: m.
+
+  Returns:
+    Logits of ``cos``'s shape; their softmax cross-entropy is the member's margin loss.
+
+  References:
+    Deng et al., ArcFace, 2019; Wang et al., CosFace, 2018.
+  """
   if loss not in LOSSES:
     raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
+  chex.assert_rank(labels, 1)
+  chex.assert_axis_dimension(cos, -2, labels.shape[0])
   cos = jnp.clip(cos, -1.0, 1.0)
   onehot = jax.nn.one_hot(labels, cos.shape[-1], dtype=bool)
   cos_y = jnp.sum(jnp.where(onehot, cos, 0.0), axis=-1, keepdims=True)

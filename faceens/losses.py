@@ -85,6 +85,7 @@ def ensemble_loss(features, class_weights, labels, cfg: LossConfig):
   diversity term, batch mean), ``accuracy`` (per-member top-1 on cosine logits, mean over members)
   and ``member_ce [K]``.
   """
+  chex.assert_rank([features, labels], [3, 1])
   spec = method_spec(cfg.method)
   cos = heads.cosines(features, class_weights)                        # [K, B, n]
   logits = heads.margin_logits(cos, labels, cfg.loss, cfg.scale, cfg.margin)

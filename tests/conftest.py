@@ -1,10 +1,14 @@
 """Shared test set-up: small shapes, a persistent compilation cache across tests and processes."""
 
 import os
+import struct
 import tempfile
 
 import jax
 import pytest
+
+from tests.builders import independent_rec, irheader, random_jpeg, REPO
+
 
 _CACHE = os.path.join(tempfile.gettempdir(), "faceens-test-jax-cache")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
@@ -12,8 +16,6 @@ jax.config.update("jax_compilation_cache_dir", _CACHE)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +41,17 @@ def run_on_simulated_devices(script: str, n: int, tmp_path):
   out = str(tmp_path / f"devices{n}.npz")
   subprocess.run([sys.executable, "-c", script, out], check=True, env=env, cwd=REPO)
   return np.load(out)
+
+
+@pytest.fixture()
+def small_rec(tmp_path):
+  """InsightFace layout: header record 0 (images 1..5), 5 images, 2 identity records."""
+  imgs = [random_jpeg(i) for i in range(5)]
+  labels = [0, 0, 1, 1, 1]
+  recs = [irheader(2, 0.0) + struct.pack("<2f", 6, 8)]
+  recs += [irheader(0, float(y), k + 1) + b for k, (b, y) in enumerate(zip(imgs, labels))]
+  recs += [irheader(2, 0.0) + struct.pack("<2f", 1, 3), irheader(2, 0.0) + struct.pack("<2f", 3, 6)]
+  path = str(tmp_path / "train.rec")
+  independent_rec(path, recs)
+  (tmp_path / "property").write_text("2,24,24")
+  return path, imgs, labels

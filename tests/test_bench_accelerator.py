@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.builders import REPO
 
 
 def test_accelerator_smoke_runs_every_step(tmp_path):

@@ -6,28 +6,7 @@ import numpy as np
 import pytest
 
 from faceens import diversity, losses
-
-EPS = 1e-6
-
-
-def np_fdp(f, gamma, eps=EPS):
-  out = []
-  for b in range(f.shape[1]):
-    F = f[:, b] / np.linalg.norm(f[:, b], axis=-1, keepdims=True)
-    out.append(gamma * np.linalg.slogdet(F @ F.T + eps * np.eye(len(F)))[1])
-  return np.array(out)
-
-
-def np_adp(p, y, alpha, beta, eps=EPS):
-  """Pang et al.: entropy of the mean prediction, true label deleted, rows normalised, log det."""
-  out = []
-  for b in range(p.shape[1]):
-    mean = p[:, b].mean(0)
-    h = -np.sum(mean * np.log(mean + 1e-20))
-    M = np.delete(p[:, b], y[b], axis=1)
-    M = M / np.linalg.norm(M, axis=1, keepdims=True)
-    out.append(alpha * h + beta * np.linalg.slogdet(M @ M.T + eps * np.eye(len(M)))[1])
-  return np.array(out)
+from tests.references import EPS, np_adp, np_fdp
 
 
 def _probs(rng, k, b, n):

@@ -1,90 +1,21 @@
 """The embedding API, faceens.evaluate / faceens.verify, and the safe .bin reader on a tiny run."""
 
-import io
 import json
 import os
-import pickle
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import faceens
 from faceens import evaluate, verification
 from faceens.data import demo, verification_bin
-from faceens.data.image_folder import DataError, fit_image
-from tests.conftest import REPO
+from faceens.data.image_folder import DataError
+from tests.builders import jpeg_bytes, make_lfw, orl_face, REPO
 
-SMALL_LFW = os.path.join(REPO, "..", "shared", "data", "insightface_small_lfw", "small_lfw.bin")
+
 ORL = demo.orl_root()
-
-
-@pytest.fixture(scope="module")
-def model(run_dir):
-  return faceens.load(run_dir)
-
-
-def _orl(identity, i):
-  with Image.open(os.path.join(ORL, identity, f"{i}.pgm")) as im:
-    return np.asarray(im)
-
-
-def test_training_logs_periodic_and_final_evaluation(run_dir):
-  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-    lines = [json.loads(l) for l in f]
-  evals = [l for l in lines if "eval" in l]
-  assert [l["step"] for l in evals] == [2]
-  assert 0 <= evals[0]["eval"]["heldout"]["accuracy"] <= 1
-  with open(os.path.join(run_dir, "eval.json")) as f:
-    ev = json.load(f)
-  assert ev["step"] == 3 and ev["datasets"]["heldout"]["pairs"] == 900
-  with open(os.path.join(run_dir, "summary.json")) as f:
-    s = json.load(f)
-  assert s["heldout_accuracy"] == ev["datasets"]["heldout"]["paper"]["accuracy"]
-
-
-def test_load_and_embed_inputs(model):
-  s = model.input_size
-  assert (model.num_members, model.embedding_dim, model.step) == (3, 16, 3)
-  raw = np.stack([_orl("s31", 1), _orl("s32", 1)])          # uint8 [2, 112, 92], grayscale
-  fitted = np.stack([fit_image(Image.fromarray(x), s, model.config.data.fit) for x in raw])
-  e_raw = model.embed(raw)
-  np.testing.assert_allclose(e_raw, model.embed(fitted), atol=1e-6)
-  np.testing.assert_allclose(e_raw, model.embed(fitted.astype(np.float32) / 255), atol=1e-6)
-  np.testing.assert_allclose(e_raw, model.embed(raw[..., None].repeat(3, -1)), atol=1e-6)
-  # The ensemble embedding is the mean of the normalised member features (not renormalised).
-  members = np.stack([model.embed(raw, member=k) for k in range(3)])
-  np.testing.assert_allclose(np.linalg.norm(members, axis=-1), 1.0, rtol=1e-5)
-  np.testing.assert_allclose(e_raw, members.mean(0), atol=1e-6)
-  assert not np.allclose(members[0], members[1], atol=1e-3)
-  # member=k is member k's network alone: compare with the full stack's k-th output.
-  np.testing.assert_allclose(model.member_features(raw)[1], members[1], atol=1e-5)
-  # flip=True: normalise(E(x) + E(mirror x)).
-  mirrored = fitted[:, :, ::-1]
-  expected = verification.flip_embedding(e_raw, model.embed(mirrored))
-  np.testing.assert_allclose(model.embed(raw, flip=True), expected, atol=1e-5)
-  assert not np.allclose(model.embed(raw, flip=True), e_raw / np.linalg.norm(e_raw, axis=1,
-                                                                          keepdims=True), atol=1e-3)
-
-
-def test_embed_rejects_bad_arrays(model):
-  with pytest.raises(ValueError, match="input size 32x32"):
-    model.embed(np.zeros((1, 40, 40, 3), np.float32))
-  with pytest.raises(ValueError, match=r"in \[0, 1\]"):
-    model.embed(np.full((1, 32, 32, 3), 2.0, np.float32))
-  with pytest.raises(ValueError, match="member must be None"):
-    model.embed(np.zeros((1, 32, 32, 3), np.uint8), member=3)
-  with pytest.raises(ValueError, match=r"\[B, H, W\] or \[B, H, W, 3\]"):
-    model.embed(np.zeros((32, 32), np.uint8))
-
-
-def test_load_errors(tmp_path):
-  with pytest.raises(FileNotFoundError, match="does not exist"):
-    faceens.load(str(tmp_path / "nope"))
-  with pytest.raises(FileNotFoundError, match="not a faceens run directory"):
-    faceens.load(str(tmp_path))
 
 
 def test_evaluate_features_matches_direct_computation():
@@ -108,12 +39,6 @@ def test_evaluate_features_matches_direct_computation():
   assert out["members"][1]["accuracy"] == verification.kfold_accuracy(d1, issame)[0]
 
 
-def _jpeg(arr):
-  buf = io.BytesIO()
-  Image.fromarray(arr).convert("RGB").save(buf, format="JPEG", quality=95)
-  return buf.getvalue()
-
-
 def _write_pairs(tmp_path, lines):
   p = tmp_path / "pairs.txt"
   p.write_text("\n".join(lines) + "\n")
@@ -125,7 +50,7 @@ def test_evaluate_cli_with_bin_and_pairs(run_dir, tmp_path):
   for k in range(10):
     a, b = f"s{31 + k % 10}", f"s{31 + (k + 1) % 10}"
     same = k % 2 == 0
-    imgs += [_jpeg(_orl(a, 1)), _jpeg(_orl(a if same else b, 2))]
+    imgs += [jpeg_bytes(orl_face(a, 1)), jpeg_bytes(orl_face(a if same else b, 2))]
     issame.append(same)
   bin_path = str(tmp_path / "orl_pairs.bin")
   verification_bin.save_bin(bin_path, imgs, issame)
@@ -171,7 +96,7 @@ def test_evaluate_bad_inputs(run_dir, tmp_path):
   with pytest.raises(DataError, match="cannot decode image .*bad.jpg"):
     evaluate.pairs_file_set(_write_pairs(tmp_path, [f"{one} bad.jpg 0"]), size)
   bin_path = str(tmp_path / "corrupt.bin")
-  verification_bin.save_bin(bin_path, [_jpeg(_orl("s31", 1)), b"garbage"], [True])
+  verification_bin.save_bin(bin_path, [jpeg_bytes(orl_face("s31", 1)), b"garbage"], [True])
   with pytest.raises(DataError, match="corrupt.bin: image 1 cannot be decoded"):
     evaluate.bin_set(bin_path, size)
   r = subprocess.run([sys.executable, "-m", "faceens.evaluate", f"--workdir={run_dir}",
@@ -183,50 +108,11 @@ def test_evaluate_bad_inputs(run_dir, tmp_path):
 # ----------------------------------------------------------------------------- .bin files
 
 
-@pytest.mark.skipif(not os.path.exists(SMALL_LFW), reason="shared InsightFace fixture not present")
-def test_small_lfw_bin_loads():
-  images, issame = verification_bin.load_bin(SMALL_LFW)
-  assert len(images) == 20 and issame.shape == (10,) and issame.all()
-  assert all(b[:2] == b"\xff\xd8" for b in images)  # JPEG
-  decoded = verification_bin.decode_images(images, 112, source=SMALL_LFW)
-  assert decoded.shape == (20, 112, 112, 3) and 50 < decoded.mean() < 200
-
-
-def test_bin_round_trip_and_python2_style_pickle(tmp_path):
-  imgs = [_jpeg(_orl("s1", i)) for i in (1, 2, 3, 4)]
-  p = str(tmp_path / "x.bin")
-  verification_bin.save_bin(p, imgs, [True, False])
-  got, issame = verification_bin.load_bin(p)
-  assert got == imgs and issame.tolist() == [True, False]
-  # InsightFace-era files: uint8 arrays of the bytes, protocol 2 (numpy reconstructors).
-  p2 = str(tmp_path / "y.bin")
-  with open(p2, "wb") as f:
-    pickle.dump(([np.frombuffer(b, np.uint8).reshape(-1, 1) for b in imgs], [1, 0]), f, protocol=2)
-  got, issame = verification_bin.load_bin(p2)
-  assert got == imgs and issame.tolist() == [True, False]
-
-
-class _Evil:
-  def __init__(self, path):
-    self.path = path
-
-  def __reduce__(self):
-    return (os.system, (f"touch {self.path}",))
-
-
-def test_malicious_bin_executes_nothing(tmp_path):
-  marker = tmp_path / "pwned"
-  p = str(tmp_path / "evil.bin")
-  with open(p, "wb") as f:
-    pickle.dump(([_Evil(str(marker))], [True]), f)
-  with pytest.raises(DataError, match=r"refusing to load: the pickle references (posix|os|nt)\.system"):
-    verification_bin.load_bin(p)
-  assert not marker.exists()
-  with open(p, "wb") as f:
-    f.write(b"\x80\x04garbage")
-  with pytest.raises(DataError, match="evil.bin is not a readable verification .bin"):
-    verification_bin.load_bin(p)
-  with open(p, "wb") as f:
-    pickle.dump(([b"a", b"b", b"c"], [True]), f)
-  with pytest.raises(DataError, match="3 images but 1 pairs"):
-    verification_bin.load_bin(p)
+def test_evaluate_run_on_lfw_layout(run_dir, tmp_path):
+  root = make_lfw(tmp_path)
+  out = evaluate.run(run_dir, lfw=root, write=False, progress=False)
+  r = out["datasets"]["lfw"]
+  assert r["pairs"] == 8 and r["genuine"] == 4 and r["folds"] == "official"
+  assert 0.0 <= r["accuracy"] <= 1.0 and len(r["members"]) == 3
+  with pytest.raises(DataError, match="at least 2 of LFW's folds"):
+    evaluate.run(run_dir, lfw=root, lfw_folds=[1], write=False, progress=False)

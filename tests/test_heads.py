@@ -9,21 +9,7 @@ import numpy as np
 import pytest
 
 from faceens import heads
-
-
-def numpy_logits(cos, labels, loss, s, m):
-  """Angle-space reference: ArcFace s cos(theta + m) if theta + m <= pi, else s (cos - m sin(pi - m))."""
-  out = s * cos.astype(np.float64)
-  for idx in np.ndindex(cos.shape[:-1]):
-    y = labels[idx[-1]]
-    c = float(np.clip(cos[idx + (y,)], -1, 1))
-    if loss == "cosface":
-      out[idx + (y,)] = s * (c - m)
-    else:
-      theta = math.acos(c)
-      t = math.cos(theta + m) if theta + m <= math.pi else c - m * math.sin(math.pi - m)
-      out[idx + (y,)] = s * t
-  return out
+from tests.references import numpy_logits
 
 
 EDGE_ANGLES = [0.0, 1e-3, 0.5, math.pi / 2, math.pi - 0.5 - 1e-3, math.pi - 0.5 + 1e-3,

@@ -5,14 +5,7 @@ import numpy as np
 import pytest
 
 from faceens import losses
-from tests.test_diversity import np_adp, np_fdp
-from tests.test_heads import numpy_logits
-
-
-def np_ce(logits, y):
-  z = logits - logits.max(-1, keepdims=True)
-  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-  return -np.mean(logp[np.arange(len(y)), y])
+from tests.references import np_adp, np_ce, np_fdp, numpy_logits
 
 
 def _setup(srv, k=3, b=6, d=8, n=5, seed=0):

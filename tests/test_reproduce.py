@@ -10,8 +10,8 @@ import numpy as np
 import faceens
 from faceens import attack, reproduce_report, verification
 from faceens.attacks import lots
-from tests.conftest import REPO
-from tests.test_lfw import make_lfw
+from tests.builders import make_lfw, REPO
+
 
 # 10 person-disjoint folds of one same-person and one different-person pair each: people P00-P09
 # appear in folds 1-5 only (the training people), P10-P19 in folds 6-10 (the test).

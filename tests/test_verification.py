@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from faceens import verification
+from tests.references import reference_insightface
 
 
 def test_separable_distances_give_known_threshold():
@@ -33,27 +34,6 @@ def test_bad_shapes():
 # ----------------------------------------------------------------------------- independent reference
 
 
-def _reference_insightface(emb1, emb2, issame, nfolds=10):
-  """InsightFace eval/verification.py calculate_roc, written out with plain loops."""
-  thresholds = np.arange(0, 4, 0.01)
-  dist = np.sum(np.square(np.subtract(emb1, emb2)), 1)
-  n = len(issame)
-  sizes = [n // nfolds + (1 if i < n % nfolds else 0) for i in range(nfolds)]  # KFold(shuffle=False)
-  starts = np.cumsum([0] + sizes)
-  accs, best = [], []
-  for f in range(nfolds):
-    test = list(range(starts[f], starts[f + 1]))
-    train = [i for i in range(n) if i not in set(test)]
-    acc_train = []
-    for t in thresholds:
-      correct = sum((dist[i] < t) == issame[i] for i in train)
-      acc_train.append(correct / len(train))
-    b = int(np.argmax(acc_train))
-    best.append(thresholds[b])
-    accs.append(sum((dist[i] < thresholds[b]) == issame[i] for i in test) / len(test))
-  return np.mean(accs), np.std(accs), np.mean(best), dist
-
-
 def _synthetic(n_pairs=300, d=16, seed=0):
   rng = np.random.default_rng(seed)
   issame = rng.random(n_pairs) < 0.5
@@ -67,7 +47,7 @@ def _synthetic(n_pairs=300, d=16, seed=0):
 @pytest.mark.parametrize("seed,n_pairs", [(0, 300), (1, 257)])
 def test_protocol_matches_independent_insightface_reference(seed, n_pairs):
   e1, e2, issame = _synthetic(n_pairs, seed=seed)
-  ref_acc, ref_std, ref_thr, ref_dist = _reference_insightface(e1, e2, issame)
+  ref_acc, ref_std, ref_thr, ref_dist = reference_insightface(e1, e2, issame)
   dist = verification.distances(e1, e2, "squared_l2")
   np.testing.assert_allclose(dist, ref_dist, rtol=1e-12)
   acc, std, thr = verification.kfold_accuracy(dist, issame)
@@ -126,3 +106,21 @@ def test_labels_must_be_binary():
     verification.kfold_accuracy(np.zeros(10), np.full(10, 2))
   with pytest.raises(ValueError, match="unknown metric 'cosine'"):
     verification.distances(np.zeros((2, 3)), np.zeros((2, 3)), "cosine")
+
+
+def test_kfold_accuracy_with_explicit_folds_matches_hand_computation():
+  # Fold 0 separates at 0.5 < t <= 0.6, fold 1 at 0.9 < t <= 1.0; thresholds 0.0 .. 1.5.
+  dist = np.array([0.2, 0.5, 0.6, 0.9, 0.8, 0.9, 1.0, 1.2])
+  issame = np.array([1, 1, 0, 0, 1, 1, 0, 0], bool)
+  folds = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+  t = np.round(np.arange(0, 1.5, 0.1), 10)
+  acc, std, thr = verification.kfold_accuracy(dist, issame, thresholds=t, folds=folds)
+  # Test fold 0: trained on fold 1, the smallest best threshold is 1.0 (all 4 right); on fold 0
+  # it accepts all four pairs: 2/4. Test fold 1: trained on fold 0, best 0.6; on fold 1 it
+  # rejects 0.8 and 0.9 (same) and rejects both impostors: 2/4.
+  assert (acc, std) == (0.5, 0.0)
+  assert thr == pytest.approx((1.0 + 0.6) / 2)
+  with pytest.raises(ValueError, match="one fold id per pair"):
+    verification.kfold_accuracy(dist, issame, folds=folds[:3])
+  with pytest.raises(ValueError, match="at least 2 distinct fold ids"):
+    verification.kfold_accuracy(dist, issame, folds=np.zeros(8))

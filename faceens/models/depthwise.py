@@ -23,16 +23,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from faceens.models.backend import choose as choose_backend
+
 IMPLS = ("auto", "shifted", "native")
 
 
 def resolve_impl(impl: str) -> str:
   """Maps ``auto`` to ``shifted`` on CPU and ``native`` elsewhere."""
-  if impl not in IMPLS:
-    raise ValueError(f"unknown depthwise implementation {impl!r}; valid: {', '.join(IMPLS)}")
-  if impl == "auto":
-    return "shifted" if jax.default_backend() == "cpu" else "native"
-  return impl
+  return choose_backend("depthwise implementation", impl, IMPLS, "shifted", "native")
 
 
 def _pad_amounts(size: int, k: int, stride: int) -> tuple[int, int, int]:

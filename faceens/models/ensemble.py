@@ -26,15 +26,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from faceens.models.backend import choose as choose_backend
+
 STRATEGIES = ("auto", "vmap", "unrolled")
 
 
 def resolve_strategy(strategy: str) -> str:
-  if strategy not in STRATEGIES:
-    raise ValueError(f"unknown ensemble strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
-  if strategy == "auto":
-    return "unrolled" if jax.default_backend() == "cpu" else "vmap"
-  return strategy
+  """``auto``: ``unrolled`` on CPU, ``vmap`` elsewhere."""
+  return choose_backend("ensemble strategy", strategy, STRATEGIES, "unrolled", "vmap")
 
 
 @functools.partial(jax.jit, static_argnums=0)

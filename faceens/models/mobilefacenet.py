@@ -38,6 +38,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from faceens.models.depthwise import depthwise_conv, resolve_impl
+from faceens.models.pointwise import pointwise_conv
+from faceens.models.pointwise import resolve_impl as resolve_pointwise_impl
 
 HEADS = ("gdc", "bn_dropout_fc_bn")
 
@@ -80,16 +82,18 @@ class PointwiseConv(nn.Module):
   """1x1 conv without bias as a matmul over channels; layout of ``nn.Conv`` (kernel ``[1, 1, I, O]``).
 
   XLA:CPU runs a 1x1 ``conv_general_dilated`` and its gradients far slower than the same
-  contraction written as a dot, which it hands to its GEMM kernels.
+  contraction written as a dot, which it hands to its GEMM kernels; ``faceens.models.pointwise``
+  also gives it a kernel gradient without a transposed copy.
   """
 
   features: int
+  impl: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (1, 1, x.shape[-1], self.features))
-    return jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+    return pointwise_conv(x.astype(self.dtype), kernel[0, 0].astype(self.dtype), self.impl)
 
 
 class ConvBN(nn.Module):
@@ -101,6 +105,7 @@ class ConvBN(nn.Module):
   depthwise: bool = False
   act: bool = True
   impl: str = "auto"
+  pw_impl: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -110,7 +115,7 @@ class ConvBN(nn.Module):
         raise ValueError(f"depthwise conv keeps channels: {x.shape[-1]} -> {self.features}")
       x = DepthwiseConv(self.kernel_size, self.stride, impl=self.impl, dtype=self.dtype)(x)
     elif self.kernel_size == 1 and self.stride == 1:
-      x = PointwiseConv(self.features, dtype=self.dtype, name="Conv_0")(x)
+      x = PointwiseConv(self.features, self.pw_impl, dtype=self.dtype, name="Conv_0")(x)
     else:
       pad = (self.kernel_size - 1) // 2
       x = nn.Conv(self.features, (self.kernel_size, self.kernel_size), (self.stride, self.stride),
@@ -129,14 +134,16 @@ class DepthWiseBlock(nn.Module):
   stride: int = 1
   residual: bool = False
   impl: str = "auto"
+  pw_impl: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
     shortcut = x
-    y = ConvBN(self.hidden, 1, impl=self.impl, dtype=self.dtype)(x, train)
-    y = ConvBN(self.hidden, 3, self.stride, depthwise=True, impl=self.impl, dtype=self.dtype)(y, train)
-    y = ConvBN(self.out_features, 1, act=False, impl=self.impl, dtype=self.dtype)(y, train)
+    kw = dict(impl=self.impl, pw_impl=self.pw_impl, dtype=self.dtype)
+    y = ConvBN(self.hidden, 1, **kw)(x, train)
+    y = ConvBN(self.hidden, 3, self.stride, depthwise=True, **kw)(y, train)
+    y = ConvBN(self.out_features, 1, act=False, **kw)(y, train)
     return shortcut + y if self.residual else y
 
 
@@ -150,6 +157,7 @@ class MobileFaceNet(nn.Module):
   dropout: float = 0.4
   conv_out: int = 512
   depthwise_impl: str = "auto"
+  pointwise_impl: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -164,7 +172,7 @@ class MobileFaceNet(nn.Module):
       raise ValueError(f"blocks must be 4 positive integers, got {tuple(self.blocks)}")
     impl = resolve_impl(self.depthwise_impl)
     c = lambda n: max(8, int(round(n * self.width)))  # noqa: E731
-    kw = dict(impl=impl, dtype=self.dtype)
+    kw = dict(impl=impl, pw_impl=resolve_pointwise_impl(self.pointwise_impl), dtype=self.dtype)
     x = x.astype(self.dtype)
     x = ConvBN(c(64), 3, 2, **kw)(x, train)
     if self.blocks[0] == 1:

@@ -1,13 +1,14 @@
-"""Image folders, the bundled ORL faces, augmentation and held-out pairs."""
+"""faceens.data.image_folder and demo: formats, fitting, crop boxes, bad files, bundled ORL."""
 
 import os
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-from faceens.data import demo, image_folder
+from faceens.data import demo, image_folder, pipeline
 from faceens.data.image_folder import DataError
+from tests.builders import jpeg_folder
 
 
 def _folder(tmp_path):
@@ -106,25 +107,12 @@ def test_bundled_orl_faces():
   assert not set(demo.TRAIN_IDENTITIES) & set(demo.HELDOUT_IDENTITIES)
 
 
-def test_balanced_pairs():
-  labels = np.repeat(np.arange(10), 10)
-  pairs, issame = demo.balanced_pairs(labels, seed=0)
-  assert len(pairs) == 900 and issame.sum() == 450  # C(10, 2) * 10 genuine, as many impostor
-  same = labels[pairs[:, 0]] == labels[pairs[:, 1]]
-  np.testing.assert_array_equal(same, issame)
-  assert len({tuple(p) for p in pairs}) == 900
-  # Every contiguous tenth (one fold) is balanced.
-  for fold in np.array_split(issame, 10):
-    assert fold.sum() == len(fold) // 2
-  np.testing.assert_array_equal(demo.balanced_pairs(labels, seed=0)[0], pairs)
-
-
-def test_translate_and_photometric_by_hand():
-  from faceens.data.sampler import adjust, translate
-  x = np.arange(1, 10, dtype=np.uint8).reshape(1, 3, 3, 1)
-  np.testing.assert_array_equal(translate(x, np.array([[1, -1]]))[0, :, :, 0],
-                                [[0, 0, 0], [2, 3, 0], [5, 6, 0]])
-  np.testing.assert_array_equal(translate(x, np.array([[0, 0]])), x)
-  # mean 5: (x - 5) * 2 + 5 + 10, clipped to [0, 255].
-  np.testing.assert_array_equal(adjust(x, np.array([2.0]), np.array([10.0]))[0, :, :, 0],
-                                [[7, 9, 11], [13, 15, 17], [19, 21, 23]])
+def test_empty_folder_and_non_image_file(tmp_path):
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(DataError, match="has no identity sub-folders with images"):
+    pipeline.ImageFolderSource(str(tmp_path / "empty"))
+  root = jpeg_folder(tmp_path, 2, 2)
+  (root / "id0" / "notes.txt").write_text("hello")
+  with pytest.raises(DataError, match=r"notes.txt is not an image file"):
+    pipeline.ImageFolderSource(str(root))
+  assert len(pipeline.ImageFolderSource(str(root), skip_bad=True)) == 4

@@ -1,9 +1,5 @@
 """LOTS attacks: closed forms on a linear embedding, early stop, projections, sharding, CLI, plots."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax.numpy as jnp
@@ -11,9 +7,10 @@ import numpy as np
 import pytest
 
 import faceens
-from faceens import api, attack as attack_cli, configs, plot, train
+from faceens import api, configs, train
 from faceens.attacks import lots
-from tests.conftest import REPO, run_on_simulated_devices
+from tests.builders import attack_faces
+from tests.conftest import run_on_simulated_devices
 
 
 def linear_apply(variables, x):
@@ -85,17 +82,8 @@ def small_model():
   return api.FaceModel(c, {"params": state.params["backbone"], "batch_stats": state.batch_stats})
 
 
-def _faces(model, n=8, seed=0):
-  from faceens.data import demo, image_folder
-  faces = image_folder.load_image_folder(demo.orl_root(), model.input_size, "pad",
-                                         demo.HELDOUT_IDENTITIES)
-  pairs = attack_cli.make_pairs(faces.labels, n, seed)
-  x = model.prepare(faces.images)
-  return x[pairs[:, 0]], x[pairs[:, 1]]
-
-
 def test_bim_stays_in_the_eps_ball_and_success_agrees_with_reembedding(small_model):
-  xs, xt = _faces(small_model)
+  xs, xt = attack_faces(small_model)
   t = small_model.embed(xt)
   d0 = np.linalg.norm(small_model.embed(xs) - t, axis=1)
   eps = 0.03
@@ -114,7 +102,7 @@ def test_bim_stays_in_the_eps_ball_and_success_agrees_with_reembedding(small_mod
 
 def test_cw_perturbs_less_than_ifgsm(run_dir):
   model = faceens.load(run_dir)
-  xs, xt = _faces(model, n=8, seed=1)
+  xs, xt = attack_faces(model, n=8, seed=1)
   t = model.embed(xt)
   goal = 0.5 * np.linalg.norm(model.embed(xs) - t, axis=1)
   out = {}
@@ -126,7 +114,7 @@ def test_cw_perturbs_less_than_ifgsm(run_dir):
 
 
 def test_members_objective_and_pgd_restarts(small_model):
-  xs, xt = _faces(small_model, n=4)
+  xs, xt = attack_faces(small_model, n=4)
   feats = small_model.member_features(xt)
   t = feats.mean(0)
   goal = 0.7 * np.linalg.norm(small_model.embed(xs) - t, axis=1)
@@ -157,24 +145,15 @@ def test_tau_curve_is_eq1_and_monotone():
   assert all(b >= a for a, b in zip(rates, rates[1:])) and rates[0] == 0.0
 
 
-def test_bad_config_errors():
-  with pytest.raises(ValueError, match="unknown attack method 'fgsm'; valid: lots, ifgsm"):
-    lots.AttackConfig(method="fgsm").validate()
-  with pytest.raises(ValueError, match="unknown attack method 'fgsm' in --method"):
-    attack_cli.parse_methods("ifgsm,fgsm")
-  assert attack_cli.parse_methods("cw,ifgsm:members") == [("cw", "cw", "ensemble"),
-                                                           ("ifgsm_members", "ifgsm", "members")]
-
-
 SHARDED = textwrap.dedent("""
     import sys, jax, numpy as np
     from faceens import api, configs, sharding, train
     from faceens.attacks import lots
-    from tests.test_attacks import _faces
+    from tests.builders import attack_faces
     c = configs.experiment("arcface_srv_fdp", "test")
     state = train.create_train_state(c, 30, train.make_optimizer(c, 10))
     m = api.FaceModel(c, {"params": state.params["backbone"], "batch_stats": state.batch_stats})
-    xs, xt = _faces(m, n=8)
+    xs, xt = attack_faces(m, n=8)
     t = m.embed(xt)
     goal = 0.6 * np.linalg.norm(m.embed(xs) - t, axis=1)
     mesh = sharding.make_mesh() if jax.device_count() > 1 else None
@@ -189,71 +168,3 @@ def test_four_simulated_devices_equal_one(tmp_path):
   np.testing.assert_array_equal(outs[4]["iterations"], outs[1]["iterations"])
   np.testing.assert_array_equal(outs[4]["success"], outs[1]["success"])
   np.testing.assert_allclose(outs[4]["x_adv"], outs[1]["x_adv"], atol=1e-6)
-
-
-def test_attack_cli_transfer_and_plots(run_dir, tmp_path):
-  r = subprocess.run([sys.executable, "-m", "faceens.attack", f"--workdir={run_dir}",
-                      "--method=ifgsm,cw", "--pairs=6", "--batch_size=4", "--max_iters=200"],
-                     cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr
-  assert "least perturbation" in r.stdout
-  out = os.path.join(run_dir, "attacks")
-  for m in ("ifgsm", "cw"):
-    with open(os.path.join(out, f"attack_{m}.json")) as f:
-      doc = json.load(f)
-    s = doc["summary"]
-    assert s["n"] == 6 and 0 <= s["success_rate"] <= 1 and s["max_iters"] == 200
-    npz = np.load(os.path.join(out, f"attack_{m}.npz"))
-    assert npz["x_adv"].shape == npz["x_src"].shape == (6, 32, 32, 3)
-    assert npz["x_adv"].dtype == np.float32
-    np.testing.assert_allclose(
-        np.linalg.norm((npz["x_adv"] - npz["x_src"]).reshape(6, -1), axis=1), npz["l2"], rtol=1e-5)
-  # Black-box transfer from the run to itself: every example that succeeds on the source
-  # at a distance below the run's own threshold also fools it.
-  model = faceens.load(run_dir)
-  d = [0.5 * model.paper_threshold, 0.9 * model.paper_threshold]
-  res = attack_cli.black_box(model, [model], attack_cli.parse_methods("ifgsm"), 6, d,
-                             base=lots.AttackConfig(max_iters=300), batch_size=8, progress=False)
-  pts = res[(run_dir, "ifgsm")]["points"]
-  assert [p["distance"] for p in pts] == sorted(d)
-  for p in pts:
-    if p["source_success_rate"] > 0:
-      assert p["transfer_rate"] == 1.0
-  written = plot.plot([run_dir], str(tmp_path / "fig"))
-  names = sorted(os.path.basename(p) for p in written)
-  assert names == ["perturbation_ifgsm.png", "tau_cw.png", "tau_ifgsm.png", "transfer_ifgsm.png"]
-  assert all(os.path.getsize(p) > 5000 for p in written)
-
-
-def test_attack_cli_errors(tmp_path):
-  r = subprocess.run([sys.executable, "-m", "faceens.attack", f"--workdir={tmp_path}/none",
-                      "--method=ifgsm"], cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert r.returncode != 0 and "does not exist" in r.stderr and "Traceback" not in r.stderr
-  r = subprocess.run([sys.executable, "-m", "faceens.attack", f"--workdir={tmp_path}",
-                      "--method=fgsm"], cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert r.returncode != 0 and "unknown attack method 'fgsm'" in r.stderr
-
-
-@pytest.mark.parametrize("method,objective", [("ifgsm", "ensemble"), ("bim", "members"),
-                                              ("cw", "ensemble"), ("mifgsm", "ensemble")])
-def test_compacted_loop_equals_one_long_loop(run_dir, method, objective):
-  """Chunks of a few iterations over the still-running examples only (faceens.attack.run_compacted)
-  give each example the same iterations, success and x_adv as one lax.while_loop over the batch,
-  also for the rules with state beyond x (CW's Adam moments, best iterate and c; momentum)."""
-  model = faceens.load(run_dir)
-  xs, xt = _faces(model, n=12, seed=2)
-  feats = model.member_features(xt)
-  t = feats if objective == "members" else feats.mean(0)
-  d0 = np.linalg.norm(model.embed(xs) - feats.mean(0), axis=1)
-  goal = np.linspace(0.5, 1.02, len(xs)) * d0  # a spread of iteration counts; the last: at once
-  cfg = lots.AttackConfig(method=method, objective=objective, step_size=0.5 / 255, epsilon=0.02,
-                          max_iters=44, cw_lr=0.002, cw_patience=3)  # 11 chunks: one compile
-  long = lots.attack(model.apply, model.variables, xs, t, goal, cfg)
-  short = attack_cli.run_compacted(model, xs, t, goal, cfg, chunk=4, progress=False)
-  assert len(set(long["iterations"].tolist())) > 3 and long["iterations"].max() > 8, long
-  assert long["success"].sum() > 3
-  np.testing.assert_array_equal(short["iterations"], long["iterations"])
-  np.testing.assert_array_equal(short["success"], long["success"])
-  np.testing.assert_allclose(short["x_adv"], long["x_adv"], atol=1e-6)
-  np.testing.assert_allclose(short["distance"], long["distance"], atol=1e-5)
-  np.testing.assert_allclose(short["l2"], long["l2"], atol=1e-5)
