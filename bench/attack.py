@@ -179,6 +179,9 @@ def main():
   p.add_argument("--max-iters", type=int, default=5000)
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--out", default="bench/results/attack.json")
+  p.add_argument("--images", default=None,
+                  help="DIR/<identity>/*: faces to attack when the run has no held-out people "
+                       "(e.g. faceens/assets/orl_faces for an LFW run)")
   p.add_argument("--no-torch", action="store_true")
   a = p.parse_args()
 
@@ -191,7 +194,7 @@ def main():
   if model.num_members != 1:
     raise SystemExit(f"error: {a.workdir} has K = {model.num_members}; the benchmark attacks the "
                      "single model (train experiments/arcface_single.py:demo)")
-  images, labels, _ = attack_cli.attack_images(model, None)
+  images, labels, _ = attack_cli.attack_images(model, a.images)
   pairs = attack_cli.make_pairs(labels, a.pairs, seed=0)
   x = model.prepare(images)
   xs, xt = x[pairs[:, 0]], x[pairs[:, 1]]
