@@ -55,3 +55,16 @@ def small_rec(tmp_path):
   independent_rec(path, recs)
   (tmp_path / "property").write_text("2,24,24")
   return path, imgs, labels
+
+
+# Tests that check shapes, plumbing and consistency (not numbers against a reference) compile with
+# XLA's cheap pipeline: a third less compile time for a training step (measured on 2 cores).
+FAST_COMPILE_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+
+
+@pytest.fixture
+def fast_compile():
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)

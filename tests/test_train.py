@@ -65,7 +65,7 @@ def test_real_steps_on_orl_raise_training_accuracy():
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[os.path.basename(p)[:-3] for p in EXPERIMENTS])
-def test_every_experiment_test_variant_runs_a_step(path):
+def test_every_experiment_test_variant_runs_a_step(path, fast_compile):
   c = load_experiment(path, "test")
   name = os.path.basename(path)[:-3]
   loss, method = name.split("_", 1)
