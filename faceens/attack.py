@@ -124,6 +124,13 @@ def _goal_value(model, goal: str) -> float:
   return value
 
 
+def attack_targets(model, x_tgt, cfg: lots.AttackConfig, batch_size: int = 64):
+  """What LOTS pulls towards: the target faces' member features ``[K, N, d]`` for
+  ``objective="members"``, else their ensemble embeddings E(x_t) ``[N, d]``."""
+  tgt_feats = model.member_features(x_tgt, batch_size=batch_size)
+  return tgt_feats if cfg.objective == "members" else ensemble.ensemble_embedding(tgt_feats)
+
+
 def run_batches(model, x_src, x_tgt, goal, cfg: lots.AttackConfig, *, batch_size: int = 64,
                 x_init=None, seed: int = 0, progress: bool = True, desc: str = "attack") -> dict:
   """Attacks every (x_src[i] -> x_tgt[i]) in jitted batches; numpy results and timings."""
@@ -131,9 +138,7 @@ def run_batches(model, x_src, x_tgt, goal, cfg: lots.AttackConfig, *, batch_size
   n_dev = mesh.size if mesh is not None else 1
   batch_size = -(-batch_size // n_dev) * n_dev
   variables = model.variables
-  tgt_feats = model.member_features(x_tgt, batch_size=batch_size)            # [K, N, d]
-  targets_all = (tgt_feats if cfg.objective == "members"
-                 else ensemble.ensemble_embedding(tgt_feats))
+  targets_all = attack_targets(model, x_tgt, cfg, batch_size)
   n = len(x_src)
   goal = np.broadcast_to(np.asarray(goal, np.float32), (n,))
 
@@ -180,11 +185,8 @@ def attack_pairs(model, x_src, x_tgt, goal, cfg: lots.AttackConfig, *, batch_siz
   if cfg.restarts > 1 or sharding.attack_mesh() is not None:
     return run_batches(model, x_src, x_tgt, goal, cfg, batch_size=batch_size, x_init=x_init,
                        seed=seed, progress=progress, desc=desc)
-  tgt_feats = model.member_features(x_tgt, batch_size=batch_size)            # [K, N, d]
-  targets = (tgt_feats if cfg.objective == "members"
-             else ensemble.ensemble_embedding(tgt_feats))
-  return run_compacted(model, x_src, targets, goal, cfg, x_init=x_init, seed=seed,
-                       progress=progress, desc=desc)
+  return run_compacted(model, x_src, attack_targets(model, x_tgt, cfg, batch_size), goal, cfg,
+                       x_init=x_init, seed=seed, progress=progress, desc=desc)
 
 
 def bucket_size(n: int) -> int:
