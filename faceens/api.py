@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from PIL import Image
 from tqdm import tqdm
 
@@ -168,22 +169,28 @@ def _thresholds(workdir):
 
 
 def _restore(checkpoint_dir: str, step: int | None):
-  mngr = ocp.CheckpointManager(checkpoint_dir)
+  """``(step, state tree)`` of the latest (or ``step``) checkpoint, placed on this process's first
+  device whatever the devices or processes that saved it."""
+  steps = ocp.CheckpointManager(checkpoint_dir).all_steps()
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint under {checkpoint_dir}")
+  if step is None:
+    step = max(steps)
+  elif step not in steps:
+    raise FileNotFoundError(f"no checkpoint for step {step} under {checkpoint_dir}; "
+                            f"available: {sorted(steps)}")
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = lambda tree: jax.tree.map(  # noqa: E731
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), tree)
+  path = os.path.join(checkpoint_dir, str(step), "state")
+  if not os.path.isdir(path):  # checkpoints written before the input pipeline was saved alongside
+    path = os.path.join(checkpoint_dir, str(step), "default")
+  handler = ocp.StandardCheckpointHandler()
   try:
-    steps = mngr.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"no checkpoint under {checkpoint_dir}")
-    if step is None:
-      step = max(steps)
-    elif step not in steps:
-      raise FileNotFoundError(f"no checkpoint for step {step} under {checkpoint_dir}; "
-                              f"available: {sorted(steps)}")
-    if os.path.isdir(os.path.join(checkpoint_dir, str(step), "state")):
-      raw = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    else:  # checkpoints written before the input pipeline was saved alongside
-      raw = mngr.restore(step, args=ocp.args.StandardRestore())
+    item = epath.Path(path)
+    raw = handler.restore(item, args=ocp.args.StandardRestore(target(handler.metadata(item))))
   finally:
-    mngr.close()
+    handler.close()
   return step, raw
 
 

@@ -181,7 +181,50 @@ def attack_pairs(model, x_src, x_tgt, goal, cfg: lots.AttackConfig, *, batch_siz
                  x_init=None, seed: int = 0, progress: bool = True, desc: str = "attack") -> dict:
   """Attacks every (x_src[i] -> x_tgt[i]): on one device with one start per example
   ``run_compacted`` (no time spent on finished examples; its ``seconds`` include compilation),
-  otherwise ``run_batches`` (batches sharded over the devices, PGD restarts)."""
+  otherwise ``run_batches`` (batches sharded over this process's devices, PGD restarts).
+
+  With several processes (``jax.distributed``) process ``p`` of ``P`` attacks the ``p``-th of
+  ``P`` contiguous parts of the pairs on its own devices and every process returns the results
+  of all pairs. An example's iterations depend on its own state only, so each pair gets the
+  result one process would give it; PGD draws its random starts per batch, so its starts (not
+  their distribution) depend on the number of processes. ``seconds``: the slowest process.
+  """
+  n = len(x_src)
+  goal = np.broadcast_to(np.asarray(goal, np.float32), (n,))
+  count = jax.process_count()
+  if count == 1:
+    return _attack_here(model, x_src, x_tgt, goal, cfg, batch_size=batch_size, x_init=x_init,
+                        seed=seed, progress=progress, desc=desc)
+  if n < count:
+    raise ValueError(f"{n} pairs cannot be split over {count} processes")
+  parts = np.array_split(np.arange(n), count)
+  mine = parts[jax.process_index()]
+  res = _attack_here(model, x_src[mine], x_tgt[mine], goal[mine], cfg, batch_size=batch_size,
+                     x_init=None if x_init is None else x_init[mine], seed=seed,
+                     progress=progress, desc=desc)
+  return gather_parts(res, [len(p) for p in parts])
+
+
+def gather_parts(res: dict, sizes: list[int]) -> dict:
+  """Every process's ``res`` (arrays over its part; ``seconds``) joined in process order, on
+  every process (``multihost_utils.process_allgather``; parts are padded to the largest)."""
+  from jax.experimental import multihost_utils
+  rows = max(sizes)
+  arrays = {k: v for k, v in res.items() if isinstance(v, np.ndarray)}
+  padded = {k: np.concatenate([v, np.zeros((rows - len(v),) + v.shape[1:], v.dtype)])
+            for k, v in arrays.items()}
+  stacked = multihost_utils.process_allgather(padded)           # [processes, rows, ...]
+  out = {k: np.concatenate([v[i, :size] for i, size in enumerate(sizes)])
+         for k, v in stacked.items()}
+  seconds = multihost_utils.process_allgather(np.float64(res["seconds"]))
+  out["seconds"] = float(np.max(seconds))
+  out["compile_seconds"] = res.get("compile_seconds")
+  return out
+
+
+def _attack_here(model, x_src, x_tgt, goal, cfg: lots.AttackConfig, *, batch_size: int,
+                 x_init, seed: int, progress: bool, desc: str) -> dict:
+  """``attack_pairs`` on this process's devices."""
   if cfg.restarts > 1 or sharding.attack_mesh() is not None:
     return run_batches(model, x_src, x_tgt, goal, cfg, batch_size=batch_size, x_init=x_init,
                        seed=seed, progress=progress, desc=desc)
@@ -294,13 +337,18 @@ def white_box(model, methods, n_pairs: int, goal: str, out_dir: str, *, images_d
   """White-box attacks of ``methods`` (``parse_methods``) with the settings of ``base``."""
   x_src, x_tgt, pairs, source = pair_images(model, images_dir, n_pairs, seed)
   g = _goal_value(model, goal)
-  os.makedirs(out_dir, exist_ok=True)
+  is_main = jax.process_index() == 0  # with several processes, process 0 writes the files
+  if is_main:
+    os.makedirs(out_dir, exist_ok=True)
   summaries = {}
   for name, cfg in _configs(methods, base):
     res = attack_pairs(model, x_src, x_tgt, g, cfg, batch_size=batch_size, seed=seed,
                        progress=progress, desc=name)
     summ = summarize(res, cfg, name)
     summ.update({"workdir": model.workdir, "goal": goal, "pairs_from": source, "seed": seed})
+    summaries[name] = summ
+    if not is_main:
+      continue
     curve = lots.tau_curve(res["l2"], res["success"])
     with open(os.path.join(out_dir, f"attack_{name}.json"), "w") as f:
       # Eq. 1: over the successful AXs only; success_rate (of all attempts) stands beside it.
@@ -310,7 +358,6 @@ def white_box(model, methods, n_pairs: int, goal: str, out_dir: str, *, images_d
                         x_adv=res["x_adv"], success=res["success"], iterations=res["iterations"],
                         goal=res["goal"], distance=res["distance"], l2=res["l2"],
                         linf=res["linf"], pairs=pairs)
-    summaries[name] = summ
   ok = {k: v for k, v in summaries.items() if v["l2_median"] is not None}
   best_rate = max((v["success_rate"] for v in ok.values()), default=0)
   strongest = min((k for k, v in ok.items() if v["success_rate"] == best_rate),
@@ -318,8 +365,9 @@ def white_box(model, methods, n_pairs: int, goal: str, out_dir: str, *, images_d
   overall = {"workdir": model.workdir, "methods": summaries, "least_perturbation": strongest,
              "note": "least_perturbation: among the attacks with the highest success rate, the "
                      "one with the smallest median L2 perturbation"}
-  with open(os.path.join(out_dir, "attack_summary.json"), "w") as f:
-    json.dump(overall, f, indent=2)
+  if is_main:
+    with open(os.path.join(out_dir, "attack_summary.json"), "w") as f:
+      json.dump(overall, f, indent=2)
   return overall
 
 
@@ -359,14 +407,15 @@ def black_box(source_model, target_models, methods, n_pairs: int, distances, *, 
             "iterations_median": float(np.median(iters_total)),
             "ax_per_s": float(ok.sum() / res["seconds"])})
     for ti, t in enumerate(target_models):
-      out_dir = out_dirs[ti] if out_dirs else os.path.join(t.workdir, "attacks")
-      os.makedirs(out_dir, exist_ok=True)
       doc = {"source": source_model.workdir, "target": t.workdir, "method": name,
              "pairs_from": source, "seed": seed, "config": vars(cfg),
              "points": sorted(points[ti], key=lambda p: p["distance"])}
-      with open(os.path.join(out_dir, f"transfer_{name}.json"), "w") as f:
-        json.dump(doc, f, indent=2)
       results[(t.workdir, name)] = doc
+      if jax.process_index() == 0:  # with several processes, process 0 writes the files
+        out_dir = out_dirs[ti] if out_dirs else os.path.join(t.workdir, "attacks")
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, f"transfer_{name}.json"), "w") as f:
+          json.dump(doc, f, indent=2)
   return results
 
 
@@ -387,8 +436,10 @@ def main(argv):
   del argv
   FLAGS = flags.FLAGS
   absl_logging.set_verbosity(absl_logging.WARNING)
-  if FLAGS.distributed:
-    jax.distributed.initialize()
+  try:
+    sharding.initialize_from_flags(FLAGS)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
   base = lots.AttackConfig(max_iters=FLAGS.max_iters, epsilon=FLAGS.epsilon,
                            step_size=FLAGS.step_size, cw_lr=FLAGS.cw_lr, cw_c=FLAGS.cw_c,
                            cw_patience=FLAGS.cw_patience, restarts=FLAGS.restarts)
@@ -405,7 +456,7 @@ def main(argv):
       targets = [api.load(w) for w in workdirs]
       out_dirs = [FLAGS.out] * len(targets) if FLAGS.out and len(targets) == 1 else None
       res = black_box(src, targets, methods, FLAGS.pairs, distances, out_dirs=out_dirs, **kw)
-      for (target, name), doc in res.items():
+      for (target, name), doc in res.items() if jax.process_index() == 0 else ():
         print(f"{name}: {FLAGS.source_workdir} -> {target}")
         for p in doc["points"]:
           rate = "n/a" if p["transfer_rate"] is None else f"{p['transfer_rate']:.3f}"
@@ -420,8 +471,9 @@ def main(argv):
     overall = white_box(model, methods, FLAGS.pairs, FLAGS.goal, out, **kw)
   except (ValueError, FileNotFoundError, DataError) as e:
     raise SystemExit(f"error: {e}") from None
-  _print_white(overall)
-  print(f"wrote {out}/attack_<method>.json, .npz, attack_summary.json")
+  if jax.process_index() == 0:
+    _print_white(overall)
+    print(f"wrote {out}/attack_<method>.json, .npz, attack_summary.json")
 
 
 def _define_flags():
@@ -444,7 +496,7 @@ def _define_flags():
   flags.DEFINE_float("cw_c", 0.1, "cw initial weight of the distance term (x10 when stuck)")
   flags.DEFINE_integer("cw_patience", 20, "cw: iterations without a smaller successful L2")
   flags.DEFINE_integer("restarts", 1, "pgd random restarts")
-  flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
+  sharding.define_distributed_flags()
   for name in ("source_workdir", "batch_size", "max_iters", "step_size", "cw_lr", "cw_c",
                "cw_patience"):
     flags.DEFINE_alias(name.replace("_", "-"), name)  # --source-workdir as well as --source_workdir

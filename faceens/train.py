@@ -5,9 +5,10 @@
 
 One pure, jitted ``train_step(state, batch) -> (state, metrics)``; data parallel over every device
 (``faceens.sharding``: batch sharded on the ``data`` axis, parameters replicated; XLA inserts
-the gradient all-reduce and computes BatchNorm statistics over the global batch). Multi-host:
-call with ``--distributed`` on every host (``jax.distributed.initialize``); each host feeds its
-slice of the global batch.
+the gradient all-reduce and computes BatchNorm statistics over the global batch). Several
+processes (``faceens.sharding.initialize_distributed``): ``--coordinator_address=HOST:PORT
+--num_processes=N --process_id=I`` on every process, or ``--distributed`` where JAX detects the
+cluster; each process reads its rows of every global batch.
 
 Writes to DIR: ``checkpoints/`` (orbax; every ``train.checkpoint_every`` steps and at the end; a
 restarted run resumes from the latest and ends bit-identical to an uninterrupted one),
@@ -419,13 +420,14 @@ def setup(c: ml_collections.ConfigDict, workdir: str | None = None) -> Setup:
   num_steps = total_steps(c, pipeline.steps_per_epoch(train_set, c.train.batch_size))
   optimizer = make_optimizer(c, num_steps)
   model = models.get_model(c)
-  state = create_train_state(c, train_set.num_classes, optimizer)
+  # Replicated before a restore: orbax then restores straight into the mesh's sharding, which
+  # every process can address (a restored single-device array is not, with several processes).
+  state = sharding.replicate(create_train_state(c, train_set.num_classes, optimizer), mesh)
   mngr = None
   if workdir is not None:
     mngr = _checkpoint_manager(workdir, c)
     state = restore_or_init(mngr, state, data_iter)
   start = int(state.step)
-  state = sharding.replicate(state, mesh)
   step_fn = sharding.shard_train_step(make_train_step(c, model, optimizer), mesh, state)
   eval_sets = evaluate.run_sets(
       c, held, c.data.heldout_root or c.data.root or "bundled ORL s31-s40")
@@ -649,8 +651,10 @@ def main(argv):
   FLAGS = flags.FLAGS
   # orbax logs every save at INFO; keep the console to the progress bar and the summary.
   absl_logging.set_verbosity(absl_logging.WARNING)
-  if FLAGS.distributed:
-    jax.distributed.initialize()
+  try:
+    sharding.initialize_from_flags(FLAGS)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
   try:
     c = FLAGS.config
     c.get("method")  # a config file that failed to load raises on first use
@@ -671,7 +675,7 @@ def _define_flags():
   config_flags.DEFINE_config_file("config", None, "experiments/<loss>_<method>.py[:variant]",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics, summary)")
-  flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
+  sharding.define_distributed_flags()
   flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -47,10 +47,27 @@ def test_pipeline_epochs_determinism_and_host_shards():
   assert not all(np.array_equal(ya, yc) for (_, ya), (_, yc) in zip(a, c))
   for x, y in a:  # the image is the one of the label (constant value = index)
     np.testing.assert_array_equal(x[:, 0, 0, 0], y)
-  hosts = [np.concatenate([y for _, y in _take(pipeline.build(
-      src, seed=1, global_batch=4, image_size=8, process_index=i, process_count=2,
-      read_threads=1), 3)]) for i in range(2)]
-  assert set(hosts[0]).isdisjoint(hosts[1]) and len(set(hosts[0]) | set(hosts[1])) == 12
+
+
+@pytest.mark.parametrize("hosts", [2, 4])
+def test_hosts_together_read_the_one_host_global_batches(hosts):
+  """Host p's batch is rows p*b..(p+1)*b-1 of the one-host global batch, augmentation included,
+  across epoch boundaries (12 examples, batch 8: batches straddle epochs)."""
+  src = _array_source(12)
+  src.images = np.stack([np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3) + i for i in range(12)])
+  kw = dict(seed=5, global_batch=8, image_size=8, flip=True, max_shift=2, contrast=0.3,
+            brightness=20, read_threads=1)
+  one = _take(pipeline.build(src, process_index=0, process_count=1, **kw), 5)
+  parts = [_take(pipeline.build(src, process_index=p, process_count=hosts, **kw), 5)
+           for p in range(hosts)]
+  for t, (x, y) in enumerate(one):
+    assert all(part[t][0].shape == (8 // hosts, 8, 8, 3) for part in parts)
+    np.testing.assert_array_equal(np.concatenate([part[t][0] for part in parts]), x)
+    np.testing.assert_array_equal(np.concatenate([part[t][1] for part in parts]), y)
+  labels = np.concatenate([y for _, y in one])
+  assert sorted(labels[:12]) == list(range(12))             # one epoch = every example once
+  with pytest.raises(ValueError, match="not divisible by 3 hosts"):
+    pipeline.build(src, process_index=0, process_count=3, **kw)
 
 
 def test_pipeline_resume_from_iterator_state_and_flip():

@@ -1,8 +1,8 @@
 """The training input pipeline (grain) over any random-access source.
 
-    source  ->  this host's shard  ->  seeded shuffle, reshuffled every epoch  ->  decode
-            ->  random flip / translation / contrast / brightness  ->  batch  ->  worker
-            processes and prefetch
+    source  ->  seeded shuffle, reshuffled every epoch  ->  decode  ->  random flip /
+            translation / contrast / brightness  ->  this host's part of each global batch
+            ->  batch  ->  worker processes and prefetch
 
 Sources are sequences whose items are ``(encoded bytes or uint8 image, label, where)``, ``where``
 naming the file / record for error messages: ``RecordIOSource`` (InsightFace ``train.rec``),
@@ -11,8 +11,11 @@ naming the file / record for error messages: ``RecordIOSource`` (InsightFace ``t
 Batches are ``(uint8 images [b, S, S, 3], int32 labels [b])`` with ``b`` = global batch / number
 of hosts; the model normalises ``(x / 255 - 0.5) / 0.5`` on the device, which moves 4x fewer
 bytes than floats (``normalize=True`` does it here instead). Every random choice is a function of
-``(seed, epoch, position)``, so the pipeline is deterministic, and its iterator state is saved in
-the orbax checkpoint: a resumed run sees exactly the batches an uninterrupted run would.
+``(seed, epoch, position in the global stream)``, so the pipeline is deterministic, and its
+iterator state is saved in the orbax checkpoint: a resumed run sees exactly the batches an
+uninterrupted run would. All hosts walk one global order and host ``p`` of ``P`` takes rows
+``p * b .. (p + 1) * b - 1`` of every global batch (``HostShard``), reading and decoding only
+those: the global batches, augmentation included, are the same for any number of hosts.
 With worker processes each worker assembles the batches of its own slice of the stream, so the
 order depends on ``workers`` (not on timing): resume a run with the worker count it started with.
 """
@@ -23,6 +26,7 @@ import io
 import logging
 import os
 
+import grain
 import numpy as np
 
 from faceens.data import image_folder, recordio
@@ -177,13 +181,37 @@ def _normalize(batch):
 # ----------------------------------------------------------------------------- pipeline
 
 
+class HostShard(grain.MapDataset):
+  """Host ``process_index``'s rows of each global batch of ``parent``: local element ``i`` is
+  global element ``(i // b) * B + process_index * b + i % b``, with ``b`` the local and ``B`` the
+  global batch size."""
+
+  def __init__(self, parent, process_index: int, local_batch: int, global_batch: int):
+    super().__init__(parent)
+    self._p, self._b, self._g = process_index, local_batch, global_batch
+
+  def __len__(self):
+    return len(self._parent) // self._g * self._b
+
+  def global_index(self, i: int) -> int:
+    return (i // self._b) * self._g + self._p * self._b + i % self._b
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self.global_index(index)]
+
+  def __str__(self):
+    return f"HostShard(host {self._p}: rows {self._p * self._b}..{(self._p + 1) * self._b - 1} of every {self._g})"
+
+
+
 def build(source, *, global_batch: int, image_size: int, seed: int = 0, fit: str = "pad",
           flip: bool = True, max_shift: int = 0, contrast: float = 0.0, brightness: float = 0.0,
           skip_bad: bool = False, process_index: int | None = None,
           process_count: int | None = None, workers: int = 0, read_threads: int = 4,
           prefetch: int = 2, normalize: bool = False):
   """The grain ``IterDataset`` of this host's training batches (infinite; see module docstring)."""
-  import grain
   if process_index is None or process_count is None:
     import jax
     process_index, process_count = jax.process_index(), jax.process_count()
@@ -193,17 +221,15 @@ def build(source, *, global_batch: int, image_size: int, seed: int = 0, fit: str
   n = len(source)
   if n == 0:
     raise DataError("the training source is empty")
-  ds = grain.MapDataset.source(source)
-  if process_count > 1:
-    ds = ds[process_index::process_count]
-  if len(ds) < local_batch:
-    raise ValueError(f"batch of {local_batch} per host exceeds the {len(ds)} examples of this "
-                     f"host's shard")
-  ds = ds.seed(seed).shuffle().repeat(None)
+  if n < global_batch:
+    raise ValueError(f"global batch {global_batch} exceeds the {n} training examples")
+  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
   ds = ds.map(Decode(image_size, fit, skip_bad))
   if skip_bad:
     ds = ds.filter(lambda e: e is not None)
   ds = ds.random_map(Augment(flip, max_shift, contrast, brightness))
+  if process_count > 1:
+    ds = HostShard(ds, process_index, local_batch, global_batch)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, read_threads),
                                             prefetch_buffer_size=max(local_batch * prefetch, 1)))
   it = it.batch(local_batch, drop_remainder=True)
