@@ -583,7 +583,8 @@ def main(argv=None) -> int:
   report.doc["header"] = header(torch_device is not None)
   report.doc["header"].update({"smoke": a.smoke, "sizes": dataclasses.asdict(sz),
                                "torch_device": torch_device, "budget_s": a.budget})
-  report.doc["lfw_suite"] = "not run: the library has no LFW reader yet"
+  report.doc["lfw_suite"] = ("not part of this script: python -m faceens.reproduce --suite=lfw "
+                              "--lfw=DIR runs it (reports/lfw on CPU)")
   print(json.dumps(report.doc["header"]), flush=True)
   report.write()
 

@@ -431,15 +431,8 @@ def _print_white(overall: dict) -> None:
 
 
 def main(argv):
-  from absl import flags
-  from absl import logging as absl_logging
   del argv
-  FLAGS = flags.FLAGS
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  try:
-    sharding.initialize_from_flags(FLAGS)
-  except ValueError as e:
-    raise SystemExit(f"error: {e}") from None
+  FLAGS = sharding.initialize_job()  # noqa: N806
   base = lots.AttackConfig(max_iters=FLAGS.max_iters, epsilon=FLAGS.epsilon,
                            step_size=FLAGS.step_size, cw_lr=FLAGS.cw_lr, cw_c=FLAGS.cw_c,
                            cw_patience=FLAGS.cw_patience, restarts=FLAGS.restarts)

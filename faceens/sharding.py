@@ -11,6 +11,8 @@ import os
 
 import jax
 import numpy as np
+from absl import flags
+from absl import logging as absl_logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
@@ -95,8 +97,7 @@ def _int_setting(value, flag: str, env_name: str) -> int | None:
 
 
 def define_distributed_flags() -> None:
-  """The command-line flags of ``initialize_from_flags`` (shared by train and attack)."""
-  from absl import flags
+  """The command-line flags of ``initialize_job`` (shared by train and attack)."""
   flags.DEFINE_bool("distributed", False,
                     "join a multi-process run (jax.distributed): cluster auto-detection, or the "
                     "explicit form below / JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
@@ -107,8 +108,16 @@ def define_distributed_flags() -> None:
                        "(implies --distributed)")
 
 
-def initialize_from_flags(FLAGS) -> None:  # noqa: N803
-  """``initialize_distributed`` when ``--distributed`` or any part of the explicit form is given."""
+def initialize_job():
+  """The start of a command-line job (train, attack): absl logs at WARNING (orbax logs every
+  save at INFO), and ``initialize_distributed`` when ``--distributed`` or any part of the explicit
+  form is given; a bad setting exits with a one-line error. Returns absl's ``FLAGS``."""
+  FLAGS = flags.FLAGS  # noqa: N806
+  absl_logging.set_verbosity(absl_logging.WARNING)
   explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   if FLAGS.distributed or any(v is not None for v in explicit):
-    initialize_distributed(*explicit)
+    try:
+      initialize_distributed(*explicit)
+    except ValueError as e:
+      raise SystemExit(f"error: {e}") from None
+  return FLAGS

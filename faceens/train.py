@@ -645,16 +645,8 @@ def _print_summary(summary: dict, workdir: str) -> None:
 
 
 def main(argv):
-  from absl import flags
-  from absl import logging as absl_logging
   del argv
-  FLAGS = flags.FLAGS
-  # orbax logs every save at INFO; keep the console to the progress bar and the summary.
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  try:
-    sharding.initialize_from_flags(FLAGS)
-  except ValueError as e:
-    raise SystemExit(f"error: {e}") from None
+  FLAGS = sharding.initialize_job()  # noqa: N806
   try:
     c = FLAGS.config
     c.get("method")  # a config file that failed to load raises on first use

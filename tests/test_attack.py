@@ -59,7 +59,7 @@ def test_attack_cli_errors(tmp_path):
 
 @pytest.mark.parametrize("method,objective", [("ifgsm", "ensemble"), ("bim", "members"),
                                               ("cw", "ensemble"), ("mifgsm", "ensemble")])
-def test_compacted_loop_equals_one_long_loop(run_dir, method, objective):
+def test_compacted_loop_equals_one_long_loop(run_dir, method, objective, fast_compile):
   """Chunks of a few iterations over the still-running examples only (faceens.attack.run_compacted)
   give each example the same iterations, success and x_adv as one lax.while_loop over the batch,
   also for the rules with state beyond x (CW's Adam moments, best iterate and c; momentum)."""

@@ -1,17 +1,21 @@
 """The accelerator script (bench/accelerator.py) end to end at toy sizes on CPU (``--smoke``), so
-that it still runs when a GPU is at hand."""
+that it still runs when a GPU is at hand. A benchmark, so run on request (``pytest -m slow``,
+about 2.5 minutes on 2 cores, nearly all compilation): before every accelerator run."""
 
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.builders import REPO
 
 
+@pytest.mark.slow
 def test_accelerator_smoke_runs_every_step(tmp_path):
   out = tmp_path / "accelerator.json"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")  # --smoke compiles with the cheap pipeline itself
   r = subprocess.run([sys.executable, "bench/accelerator.py", "--smoke", f"--out={out}"], cwd=REPO,
                      env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

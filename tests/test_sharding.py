@@ -23,6 +23,7 @@ from faceens import attack as attack_cli
 from faceens import configs, sharding, train
 from faceens.attacks import lots
 from tests.builders import REPO
+from tests.conftest import FAST_COMPILE_ENV
 
 STEPS, EVERY = 4, 2
 CONFIG = ["--config=experiments/arcface_srv_fdp.py:test", f"--config.train.steps={STEPS}",
@@ -37,7 +38,7 @@ def _free_port() -> int:
 
 def _env(**extra):
   return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-              **extra)
+              **FAST_COMPILE_ENV, **extra)
 
 
 def launch(argv_for, n: int, tmp_path, name: str, *, env_for=None, until: str | None = None,
@@ -106,9 +107,10 @@ def _params(workdir):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """The same 4-step run: 1 process x 2 simulated devices, 2 processes x 1 device, and 2
-  processes killed (SIGKILL) after step 3 (checkpoint at step 2) and restarted."""
+  processes killed (SIGKILL) after step 3 (checkpoint at step 2) and restarted. Plumbing, so
+  XLA's cheap pipeline everywhere (``FAST_COMPILE_ENV``)."""
   tmp = tmp_path_factory.mktemp("runs")
-  one = tmp / "one_process"
+  one = tmp / "two_devices"
   subprocess.run([sys.executable, "-m", "faceens.train", *CONFIG, f"--workdir={one}"], cwd=REPO,
                  check=True, timeout=300, capture_output=True,
                  env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"))
@@ -124,11 +126,11 @@ def runs(tmp_path_factory):
 
 def test_two_processes_train_like_two_devices_and_resume_after_a_kill(runs):
   one, two, killed = runs
-  p_one, p_two, p_killed = _params(one), _params(two), _params(killed)
+  p_one, p_two, p_killed = (_params(d) for d in runs)
   assert int(p_two["step"]) == STEPS
   chex.assert_trees_all_close(p_two, p_one, rtol=1e-4, atol=1e-5)
   chex.assert_trees_all_equal(p_killed, p_two)            # the restart resumed bit for bit
-  summaries = [json.loads((d / "summary.json").read_text()) for d in (one, two, killed)]
+  summaries = [json.loads((d / "summary.json").read_text()) for d in runs]
   assert [s["devices"] for s in summaries] == [2, 2, 2]
   assert summaries[2]["resumed_from"] == EVERY
   np.testing.assert_allclose(summaries[1]["final_loss"], summaries[0]["final_loss"], rtol=1e-4)
@@ -139,7 +141,7 @@ def test_two_processes_train_like_two_devices_and_resume_after_a_kill(runs):
     assert [json.loads(l)["step"] for l in f] == list(range(1, STEPS + 1))
 
 
-def test_two_process_attack_gives_every_pair_the_one_process_result(runs, tmp_path):
+def test_two_process_attack_gives_every_pair_the_one_process_result(runs, tmp_path, fast_compile):
   """7 pairs: process 0 attacks 4, process 1 attacks 3; process 0 writes every pair's result."""
   workdir = runs[0]
   args = ["--method=ifgsm,cw", "--pairs=7", "--goal=0.4", "--max_iters=30", "--seed=3"]
@@ -170,3 +172,10 @@ def test_explicit_form_errors_are_clear(monkeypatch):
   monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
   with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='two' is not an integer"):
     sharding.initialize_distributed("127.0.0.1:1234", process_id=0)
+  monkeypatch.delenv("JAX_NUM_PROCESSES")
+  r = subprocess.run([sys.executable, "-m", "faceens.train", *CONFIG, "--workdir=unused",
+                      "--num_processes=2"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                     env=_env())
+  assert r.returncode != 0 and "Traceback" not in r.stderr
+  assert "error: the explicit multi-process form needs" in r.stderr
+  assert "missing: --coordinator_address, --process_id" in r.stderr

@@ -94,7 +94,7 @@ def _params(workdir, c):
   return jax.device_get((state.params, state.batch_stats, state.opt_state))
 
 
-def test_resume_is_bit_identical(tmp_path):
+def test_resume_is_bit_identical(tmp_path, fast_compile):
   c = configs.experiment("arcface_srv_fdp", "test")
   c.model.head = "bn_dropout_fc_bn"  # exercises the per-step dropout key too
   c.train.steps, c.train.checkpoint_every = 4, 2
@@ -170,7 +170,7 @@ def _member_as_single(state: train.TrainState, k: int, c_single, opt) -> train.T
 
 
 @pytest.mark.parametrize("clip_norm", [0.0, 0.05])
-def test_member_updates_are_independent(clip_norm):
+def test_member_updates_are_independent(clip_norm, fast_compile):
   """A baseline ensemble's member k after one step equals member k trained alone on the batch:
   no clipping (the paper), and per-member backbone clipping small enough to be active."""
   c = configs.experiment("arcface_baseline", "test")
@@ -253,7 +253,7 @@ def test_resume_skips_a_non_finite_checkpoint(tmp_path):
   mngr.close()
 
 
-def test_training_on_a_faces_emore_directory(tmp_path):
+def test_training_on_a_faces_emore_directory(tmp_path, fast_compile):
   from faceens import configs, train
   emore = str(tmp_path / "emore")
   pack_rec.pack_folder(ORL, emore, size=32, progress=False)
