@@ -180,7 +180,7 @@ def base_config(loss: str, variant: str | None = None) -> ml_collections.ConfigD
     # Seconds per step, for tests of the plumbing. XLA's own kernels compile 3x faster than the
     # CPU-tuned ones that "auto" picks (one srv_fdp step with XLA's cheap pipeline: 6 s instead
     # of 19 s on 2 cores), which only pay off at real sizes; tests/test_models_* check the CPU
-    # kernels against these, and the tests' shared run (tests/conftest.py) trains with "auto".
+    # kernels against these (forward and gradients), the demo trains with them.
     c.model.depthwise_impl, c.model.pointwise_impl, c.ensemble.strategy = "native", "dot", "vmap"
     c.data.kind = "orl"
     c.data.image_size = 32

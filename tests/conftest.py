@@ -20,12 +20,9 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory):
-  """A tiny trained srv_fdp run (3 steps, evaluated at step 2 and at the end, CPU-tuned kernels),
-  shared by tests."""
+  """A tiny trained srv_fdp run (3 steps, evaluated at step 2 and at the end), shared by tests."""
   from faceens import configs, train
   c = configs.experiment("arcface_srv_fdp", "test")
-  # The CPU-tuned kernels, as every CPU user trains (the test variant uses XLA's own).
-  c.model.depthwise_impl = c.model.pointwise_impl = c.ensemble.strategy = "auto"
   c.train.steps = 3
   c.train.eval_every = 2
   workdir = str(tmp_path_factory.mktemp("run"))
