@@ -171,7 +171,11 @@ def _thresholds(workdir):
 def _restore(checkpoint_dir: str, step: int | None):
   """``(step, state tree)`` of the latest (or ``step``) checkpoint, placed on this process's first
   device whatever the devices or processes that saved it."""
-  steps = ocp.CheckpointManager(checkpoint_dir).all_steps()
+  mngr = ocp.CheckpointManager(checkpoint_dir)
+  try:
+    steps = mngr.all_steps()
+  finally:
+    mngr.close()
   if not steps:
     raise FileNotFoundError(f"no checkpoint under {checkpoint_dir}")
   if step is None:

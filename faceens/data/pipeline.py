@@ -202,8 +202,8 @@ class HostShard(grain.MapDataset):
     return self._parent[self.global_index(index)]
 
   def __str__(self):
-    return f"HostShard(host {self._p}: rows {self._p * self._b}..{(self._p + 1) * self._b - 1} of every {self._g})"
-
+    first = self._p * self._b
+    return f"HostShard(host {self._p}: rows {first}..{first + self._b - 1} of every {self._g})"
 
 
 def build(source, *, global_batch: int, image_size: int, seed: int = 0, fit: str = "pad",
