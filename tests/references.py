@@ -50,10 +50,11 @@ def np_ce(logits, y):
   return -np.mean(logp[np.arange(len(y)), y])
 
 
-def numpy_depthwise(x, k, stride):
+def numpy_depthwise(x, k, stride, padding=None):
   """Direct loop reference: out[b,h,w,c] = sum_ij xpad[b, h*s+i, w*s+j, c] k[i,j,0,c]."""
   kh, kw = k.shape[:2]
-  ph, pw = (kh - 1) // 2, (kw - 1) // 2
+  ph = (kh - 1) // 2 if padding is None else padding
+  pw = (kw - 1) // 2 if padding is None else padding
   xp = np.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
   oh = (x.shape[1] + 2 * ph - kh) // stride + 1
   ow = (x.shape[2] + 2 * pw - kw) // stride + 1
@@ -63,6 +64,22 @@ def numpy_depthwise(x, k, stride):
       patch = xp[:, h * stride:h * stride + kh, w * stride:w * stride + kw, :]
       out[:, h, w, :] = np.einsum("bijc,ijc->bc", patch, k[:, :, 0, :])
   return out
+
+
+def numpy_depthwise_grads(x, k, g, stride, padding=None):
+  """(dL/dx, dL/dk) of ``L = sum(numpy_depthwise(x, k) * g)``, by scattering each output's taps."""
+  kh, kw = k.shape[:2]
+  ph = (kh - 1) // 2 if padding is None else padding
+  pw = (kw - 1) // 2 if padding is None else padding
+  xp = np.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+  dxp = np.zeros_like(xp)
+  dk = np.zeros_like(k)
+  for h in range(g.shape[1]):
+    for w in range(g.shape[2]):
+      rows, cols = slice(h * stride, h * stride + kh), slice(w * stride, w * stride + kw)
+      dk[:, :, 0, :] += np.einsum("bijc,bc->ijc", xp[:, rows, cols, :], g[:, h, w, :])
+      dxp[:, rows, cols, :] += np.einsum("ijc,bc->bijc", k[:, :, 0, :], g[:, h, w, :])
+  return dxp[:, ph:ph + x.shape[1], pw:pw + x.shape[2], :], dk
 
 
 def reference_insightface(emb1, emb2, issame, nfolds=10):

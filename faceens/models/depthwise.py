@@ -5,10 +5,17 @@ depthwise layer at batch 64: ~200 ms forward, ~600 ms gradient on 2 cores; upstr
 jax-ml/jax#23713, google/flax#4207, openxla/xla#34273). Written as ``kh * kw`` shifted
 multiply-adds, the same layer is a handful of fusible elementwise ops (~5 ms forward).
 
-The kernel gradient of the shifted form is memory-bound: each of the ``kh * kw`` taps is a
-full reduction over ``x`` and the output gradient. ``_shifted_depthwise`` therefore has a
-custom VJP whose kernel gradient walks the batch in small chunks (``lax.map``), so every tap's
-product-reduction re-reads a chunk that is still in cache instead of the whole activation.
+``shifted`` has a custom VJP written for XLA:CPU's fusions:
+
+* the input gradient is one correlation of the (zero-interleaved for stride > 1, padded)
+  output gradient with the flipped kernel: a single fused loop. Autodiff of the shifted forward
+  instead wrote ``kh * kw`` padded copies of the full activation, one per tap, and summed them
+  (``multiply_pad_fusion`` in issue 12's profile: 20% of the op time of a step);
+* the kernel gradient ``dK[i, j, c] = sum_{b,h,w} xpad[b, h*s+i, w*s+j, c] g[b, h, w, c]`` slices
+  each tap's overlap of ``x`` and ``g`` directly (no padded copy of ``x``) and walks the batch in
+  chunks of about 1.6 MB with a ``fori_loop``, so each tap's product-reduction re-reads data that
+  is still in cache. The chunks are dynamic slices of the batch, not a reshape, which XLA:CPU
+  turned into a transposed copy for ``lax.map``.
 
 On GPU/TPU the native grouped convolution (cuDNN / TPU conv units) is used. Both
 implementations use the same parameter layout as ``flax.linen.Conv`` with
@@ -33,70 +40,103 @@ def resolve_impl(impl: str) -> str:
   return choose_backend("depthwise implementation", impl, IMPLS, "shifted", "native")
 
 
-def _pad_amounts(size: int, k: int, stride: int) -> tuple[int, int, int]:
-  """SAME-style symmetric padding of ``(k - 1) // 2`` (PyTorch ``padding=k//2``), output size."""
-  pad = (k - 1) // 2
-  out = (size + 2 * pad - k) // stride + 1
-  return pad, pad, out
-
-
 def native_depthwise(x, kernel, stride: int, padding: int | None = None):
   """Grouped convolution with one group per channel; ``x`` NHWC, ``kernel`` ``[kh, kw, 1, C]``."""
-  kh, kw = kernel.shape[:2]
-  ph = (kh - 1) // 2 if padding is None else padding
-  pw = (kw - 1) // 2 if padding is None else padding
+  ph, pw = _paddings(kernel, padding)
   return lax.conv_general_dilated(
       x, kernel, window_strides=(stride, stride), padding=((ph, ph), (pw, pw)),
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
 
 
-def _taps(xp, kh, kw, stride, oh, ow):
-  """Yields ``(i, j, view)`` with ``view[b, h, w, c] = xp[b, i + h*stride, j + w*stride, c]``."""
+def _correlate(x, kernel, stride: int, pads):
+  """``out[b,h,w,c] = sum_ij xp[b, h*s+i, w*s+j, c] k[i,j,0,c]`` with ``xp = lax.pad(x, pads)``.
+
+  ``pads``: ``((lo, hi, interior), (lo, hi, interior))`` for H and W; interior padding puts
+  ``interior`` zeros between rows/columns (the transpose of a strided convolution).
+  """
+  kh, kw = kernel.shape[:2]
+  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0),) + tuple(pads) + ((0, 0, 0),))
+  oh = (xp.shape[1] - kh) // stride + 1
+  ow = (xp.shape[2] - kw) // stride + 1
+  out = None
   for i in range(kh):
     for j in range(kw):
-      yield i, j, lax.slice(
+      view = lax.slice(
           xp, (0, i, j, 0),
           (xp.shape[0], i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, xp.shape[3]),
           (1, stride, stride, 1))
-
-
-def _shifted_forward(x, kernel, stride, padding):
-  kh, kw = kernel.shape[:2]
-  ph = (kh - 1) // 2 if padding is None else padding
-  pw = (kw - 1) // 2 if padding is None else padding
-  xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-  oh = (x.shape[1] + 2 * ph - kh) // stride + 1
-  ow = (x.shape[2] + 2 * pw - kw) // stride + 1
-  out = None
-  for i, j, view in _taps(xp, kh, kw, stride, oh, ow):
-    term = view * kernel[i, j, 0]
-    out = term if out is None else out + term
+      term = view * kernel[i, j, 0]
+      out = term if out is None else out + term
   return out
 
 
-def _kernel_grad_chunked(xp, g, kh, kw, stride, chunk):
-  """dK[i, j, c] = sum_{b,h,w} xp[b, i + h*s, j + w*s, c] * g[b, h, w, c], batch in chunks."""
-  b = xp.shape[0]
-  oh, ow = g.shape[1], g.shape[2]
+def _paddings(kernel, padding):
+  kh, kw = kernel.shape[:2]
+  return ((kh - 1) // 2 if padding is None else padding,
+          (kw - 1) // 2 if padding is None else padding)
 
-  def one_chunk(args):
-    xc, gc = args
-    taps = [jnp.sum(view * gc, axis=(0, 1, 2)) for _, _, view in _taps(xc, kh, kw, stride, oh, ow)]
-    return jnp.stack(taps)  # [kh*kw, C]
+
+def _shifted_forward(x, kernel, stride, padding):
+  ph, pw = _paddings(kernel, padding)
+  return _correlate(x, kernel, stride, ((ph, ph, 0), (pw, pw, 0)))
+
+
+def _input_grad(g, kernel, stride, padding, in_h, in_w):
+  """dx: ``g`` with ``stride - 1`` zeros interleaved, padded, correlated with the flipped kernel."""
+  kh, kw = kernel.shape[:2]
+  ph, pw = _paddings(kernel, padding)
+  lg_h = (g.shape[1] - 1) * stride + 1
+  lg_w = (g.shape[2] - 1) * stride + 1
+  pads = ((kh - 1 - ph, in_h + ph - lg_h, stride - 1), (kw - 1 - pw, in_w + pw - lg_w, stride - 1))
+  return _correlate(g, kernel[::-1, ::-1], 1, pads)
+
+
+def _overlap(size: int, out: int, tap: int, pad: int, stride: int):
+  """Output rows ``lo..hi`` whose tap ``tap`` reads a real (unpadded) input row, and that row."""
+  lo = max(0, -(-(pad - tap) // stride))
+  hi = min(out - 1, (size - 1 + pad - tap) // stride)
+  return lo, hi, lo * stride + tap - pad
+
+
+def _kernel_grad(x, g, kh, kw, stride, padding, chunk):
+  """``dK[i, j, c] = sum_{b,h,w} xpad[b, h*s+i, w*s+j, c] g[b, h, w, c]``, batch in chunks."""
+  b, in_h, in_w, c = x.shape
+  out_h, out_w = g.shape[1], g.shape[2]
+  ph, pw = padding
+
+  def taps(xc, gc):
+    sums = []
+    for i in range(kh):
+      lo, hi, xh = _overlap(in_h, out_h, i, ph, stride)
+      for j in range(kw):
+        lw, hw, xw = _overlap(in_w, out_w, j, pw, stride)
+        if hi < lo or hw < lw:  # this tap only ever reads padding
+          sums.append(jnp.zeros((c,), jnp.float32))
+          continue
+        xv = lax.slice(xc, (0, xh, xw, 0),
+                       (xc.shape[0], xh + (hi - lo) * stride + 1, xw + (hw - lw) * stride + 1, c),
+                       (1, stride, stride, 1))
+        prod = (xv * gc[:, lo:hi + 1, lw:hw + 1]).astype(jnp.float32)
+        # Rows first: a reduction over the contiguous W axis, then over batch and H.
+        sums.append(jnp.sum(jnp.sum(prod, axis=2), axis=(0, 1)))
+    return jnp.stack(sums)  # [kh*kw, C]
 
   if chunk is None:
-    # ~2 MiB of input per chunk keeps a chunk's taps in cache (measured: 28x28x128 at batch 64,
-    # kernel gradient 131 ms unchunked, 50 ms in chunks of 4 images, on 2 cores).
-    per_image = xp.size // b * xp.dtype.itemsize
-    target = max(1, (2 << 20) // max(per_image, 1))
+    # ~1.6 MB of input per chunk (measured on 2 cores, batch 64, the MobileFaceNet layers from
+    # 56x56x64 to 7x7x512: within 10% of the best chunk for every layer; one chunk for the
+    # whole batch is 2-5x slower).
+    per_image = x.size // b * x.dtype.itemsize
+    target = max(1, (1600 << 10) // max(per_image, 1))
     chunk = max(d for d in range(1, b + 1) if b % d == 0 and d <= target)
   if chunk >= b or b % chunk:
-    acc = one_chunk((xp, g))
+    acc = taps(x, g)
   else:
-    xs = xp.reshape((b // chunk, chunk) + xp.shape[1:])
-    gs = g.reshape((b // chunk, chunk) + g.shape[1:])
-    acc = jnp.sum(lax.map(one_chunk, (xs, gs)), axis=0)
-  return acc.reshape(kh, kw, 1, -1)
+    def step(n, acc):
+      xc = lax.dynamic_slice_in_dim(x, n * chunk, chunk, 0)
+      gc = lax.dynamic_slice_in_dim(g, n * chunk, chunk, 0)
+      return acc + taps(xc, gc)
+    acc = lax.fori_loop(0, b // chunk, step, jnp.zeros((kh * kw, c), jnp.float32))
+  return acc.reshape(kh, kw, 1, c)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -111,13 +151,8 @@ def _shifted_fwd(x, kernel, stride, padding, chunk):
 def _shifted_bwd(stride, padding, chunk, res, g):
   x, kernel = res
   kh, kw = kernel.shape[:2]
-  ph = (kh - 1) // 2 if padding is None else padding
-  pw = (kw - 1) // 2 if padding is None else padding
-  # Input gradient: the transpose of the shifted forward (pads and adds that XLA fuses).
-  _, vjp_x = jax.vjp(lambda xx: _shifted_forward(xx, kernel, stride, padding), x)
-  (dx,) = vjp_x(g)
-  xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-  dk = _kernel_grad_chunked(xp, g, kh, kw, stride, chunk).astype(kernel.dtype)
+  dx = _input_grad(g, kernel, stride, padding, x.shape[1], x.shape[2]).astype(x.dtype)
+  dk = _kernel_grad(x, g, kh, kw, stride, _paddings(kernel, padding), chunk).astype(kernel.dtype)
   return dx, dk
 
 
@@ -128,7 +163,7 @@ def shifted_depthwise(x, kernel, stride: int, padding: int | None = None,
                       chunk: int | None = None):
   """Depthwise conv as ``kh * kw`` shifted multiply-adds; same result as ``native_depthwise``.
 
-  ``chunk``: batch chunk of the kernel-gradient reduction (``None``: sized to ~2 MiB of input).
+  ``chunk``: batch chunk of the kernel-gradient reduction (``None``: sized to ~1.6 MB of input).
   """
   return _shifted_depthwise(x, kernel, stride, padding, chunk)
 
