@@ -82,6 +82,33 @@ def numpy_depthwise_grads(x, k, g, stride, padding=None):
   return dxp[:, ph:ph + x.shape[1], pw:pw + x.shape[2], :], dk
 
 
+def numpy_conv(x, k, stride, pad):
+  """Dense NHWC / HWIO convolution by direct loops (symmetric zero padding ``pad``)."""
+  kh, kw = k.shape[:2]
+  xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  oh = (xp.shape[1] - kh) // stride + 1
+  ow = (xp.shape[2] - kw) // stride + 1
+  out = np.zeros((x.shape[0], oh, ow, k.shape[3]))
+  for h in range(oh):
+    for w in range(ow):
+      patch = xp[:, h * stride:h * stride + kh, w * stride:w * stride + kw, :]
+      out[:, h, w, :] = np.einsum("bijc,ijco->bo", patch, k)
+  return out
+
+
+def numpy_conv_grads(x, k, g, stride, pad):
+  """(dL/dx, dL/dk) of ``L = sum(numpy_conv(x, k) * g)``, by scattering each output's patch."""
+  kh, kw = k.shape[:2]
+  xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  dxp, dk = np.zeros_like(xp), np.zeros_like(k)
+  for h in range(g.shape[1]):
+    for w in range(g.shape[2]):
+      rows, cols = slice(h * stride, h * stride + kh), slice(w * stride, w * stride + kw)
+      dk += np.einsum("bijc,bo->ijco", xp[:, rows, cols, :], g[:, h, w, :])
+      dxp[:, rows, cols, :] += np.einsum("ijco,bo->bijc", k, g[:, h, w, :])
+  return dxp[:, pad:pad + x.shape[1], pad:pad + x.shape[2], :], dk
+
+
 def reference_insightface(emb1, emb2, issame, nfolds=10):
   """InsightFace eval/verification.py calculate_roc, written out with plain loops."""
   thresholds = np.arange(0, 4, 0.01)

@@ -1,4 +1,4 @@
-"""faceens.models.pointwise: the copy-free kernel gradient equals plain autodiff and float64 numpy."""
+"""faceens.models.pointwise: the GEMM forms (1x1 and patch convs) equal plain autodiff and float64 numpy."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +7,7 @@ import pytest
 
 from faceens import configs, models
 from faceens.models import ensemble, pointwise
+from tests.references import numpy_conv, numpy_conv_grads
 
 
 def test_dot_vjp_matches_dot_and_numpy_forward_and_gradients():
@@ -28,6 +29,25 @@ def test_dot_vjp_matches_dot_and_numpy_forward_and_gradients():
   _, dw16 = jax.grad(lambda a, b: jnp.sum(pointwise.pointwise_conv(a, b, "dot_vjp")), argnums=(0, 1))(
       jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16))
   assert dw16.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("ksize,stride,size", [(3, 2, 8), (3, 2, 7), (3, 1, 6), (5, 2, 9)])
+def test_patch_conv_matches_numpy_forward_and_gradients(ksize, stride, size):
+  rng = np.random.default_rng(ksize + stride + size)
+  x = rng.normal(size=(2, size, size + 1, 3))
+  k = rng.normal(size=(ksize, ksize, 3, 4))
+  pad = (ksize - 1) // 2
+  ref = numpy_conv(x, k, stride, pad)
+  dy = rng.normal(size=ref.shape)
+  ref_dx, ref_dk = numpy_conv_grads(x, k, dy, stride, pad)
+  for impl in ("dot", "dot_vjp"):
+    f = jax.jit(lambda a, b, impl=impl: pointwise.patch_conv(a, b, stride, pad, impl))
+    xs, ks = jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32)
+    y, vjp = jax.vjp(f, xs, ks)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    dx, dk = vjp(jnp.asarray(dy, jnp.float32))
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(dk, ref_dk, rtol=1e-5, atol=1e-4)
 
 
 def test_network_gradients_agree_between_impls():

@@ -38,7 +38,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from faceens.models.depthwise import depthwise_conv, resolve_impl
-from faceens.models.pointwise import pointwise_conv
+from faceens.models.pointwise import patch_conv, pointwise_conv
 from faceens.models.pointwise import resolve_impl as resolve_pointwise_impl
 
 HEADS = ("gdc", "bn_dropout_fc_bn")
@@ -96,6 +96,26 @@ class PointwiseConv(nn.Module):
     return pointwise_conv(x.astype(self.dtype), kernel[0, 0].astype(self.dtype), self.impl)
 
 
+class DenseConv(nn.Module):
+  """kxk conv without bias, padding ``(k - 1) // 2``; parameter layout of ``nn.Conv``.
+
+  On CPU (``impl`` ``dot_vjp``) one GEMM over patch columns (``faceens.models.pointwise``).
+  """
+
+  features: int
+  kernel_size: int = 3
+  stride: int = 1
+  impl: str = "auto"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features))
+    return patch_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, (k - 1) // 2,
+                      self.impl)
+
+
 class ConvBN(nn.Module):
   """Conv (1x1, kxk or depthwise) + BN, optionally + PReLU (InsightFace ConvBlock / LinearBlock)."""
 
@@ -117,9 +137,8 @@ class ConvBN(nn.Module):
     elif self.kernel_size == 1 and self.stride == 1:
       x = PointwiseConv(self.features, self.pw_impl, dtype=self.dtype, name="Conv_0")(x)
     else:
-      pad = (self.kernel_size - 1) // 2
-      x = nn.Conv(self.features, (self.kernel_size, self.kernel_size), (self.stride, self.stride),
-                  padding=((pad, pad), (pad, pad)), use_bias=False, dtype=self.dtype)(x)
+      x = DenseConv(self.features, self.kernel_size, self.stride, self.pw_impl, dtype=self.dtype,
+                    name="Conv_0")(x)
     x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype, **_BN)(x)
     if self.act:
       x = PReLU()(x)
