@@ -222,7 +222,7 @@ def main():
          "model": {"width": model.config.model.width, "blocks": list(model.config.model.blocks),
                    "embedding_dim": model.embedding_dim},
          "machine": platform.machine(), "cpu_count": os.cpu_count(), "jax_version": jax.__version__,
-         "jax": jax_row}
+         "jax": jax_row, "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
   if not a.no_torch:
     import torch
     net = torch_mobilefacenet(jax.device_get(model.variables), model.config)
@@ -270,4 +270,6 @@ def main():
 
 
 if __name__ == "__main__":
+  from faceens import hostenv
+  hostenv.reexec_with_hugepage_malloc()  # as the faceens commands do; PyTorch shares the malloc
   main()

@@ -8,7 +8,9 @@ MobileFaceNet width 1, blocks (1, 4, 6, 2), GDC head, d = 512, 112x112, batch 64
 per-member class weights (the ``baseline`` method). JAX: one jitted ``train_step`` from
 ``faceens.train``. PyTorch: InsightFace's ``arcface_torch`` MobileFaceNet written out below, eager,
 NCHW and channels_last, members in a Python loop, one optimizer. Median images/s over ``--steps``
-timed steps after compilation and one warm-up step. Writes JSON; prints a table.
+timed steps after compilation and one warm-up step; the contenders take turns in blocks of 3 steps
+(the first of each untimed), so a slow spell of a shared machine hits all of them. ``--profile DIR`` adds XLA:CPU's op time per
+fusion kind (a ``jax.profiler`` trace of 3 steps). Writes JSON; prints a table.
 """
 
 from __future__ import annotations
@@ -30,13 +32,12 @@ BATCH, SIZE, CLASSES = 64, 112, 1000
 # ----------------------------------------------------------------------------- JAX
 
 
-def bench_jax(members: int, steps: int, depthwise_impl: str = "auto", strategy: str = "auto", *,
-              dtype: str = "float32", batch: int = BATCH, size: int = SIZE, classes: int = CLASSES,
-              width: float = 1.0, blocks=(1, 4, 6, 2), embedding_dim: int = 512,
-              profile_dir: str | None = None):
-  """Median images/s of faceens' jitted train step (the ``baseline`` method for K > 1).
+def jax_step(members: int, depthwise_impl: str = "auto", strategy: str = "auto", *,
+             dtype: str = "float32", batch: int = BATCH, size: int = SIZE, classes: int = CLASSES,
+             width: float = 1.0, blocks=(1, 4, 6, 2), embedding_dim: int = 512):
+  """faceens' jitted train step (the ``baseline`` method for K > 1), compiled and run once.
 
-  ``profile_dir``: afterwards, trace 3 more steps there with ``jax.profiler`` (perfetto trace).
+  Returns ``(one, info)``: ``one()`` runs one more step and returns its loss (synchronised).
   """
   import jax
   from faceens import configs, models, sharding, train
@@ -53,33 +54,96 @@ def bench_jax(members: int, steps: int, depthwise_impl: str = "auto", strategy: 
   opt = train.make_optimizer(c, 1000)
   model = models.get_model(c)
   mesh = sharding.make_mesh()
-  state = sharding.replicate(train.create_train_state(c, classes, opt), mesh)
-  step = sharding.shard_train_step(train.make_train_step(c, model, opt), mesh, state)
+  box = {"state": sharding.replicate(train.create_train_state(c, classes, opt), mesh)}
+  step = sharding.shard_train_step(train.make_train_step(c, model, opt), mesh, box["state"])
   rng = np.random.default_rng(0)
   x = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
   y = rng.integers(0, classes, batch).astype(np.int32)
   xb, yb = sharding.put_batch(mesh, x, y)
+
+  def one():
+    box["state"], m = step(box["state"], xb, yb)
+    return float(jax.block_until_ready(m)["loss"])
+
   t0 = time.perf_counter()
-  state, m = step(state, xb, yb)
-  jax.block_until_ready(m)
-  compile_s = time.perf_counter() - t0
-  state, m = step(state, xb, yb)  # warm-up
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    state, m = step(state, xb, yb)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
-  assert np.isfinite(float(m["loss"]))
+  one()
+  info = {"compile_s": time.perf_counter() - t0, "backend": jax.default_backend(),
+          "depthwise_impl": depthwise_impl, "strategy": strategy, "dtype": dtype}
+  return one, info
+
+
+def time_interleaved(steps: int, block: int = 3, **ones) -> dict:
+  """Median seconds per call of each ``one()``, the contenders taking turns in blocks.
+
+  Each turn runs ``block`` calls of one contender and times all but the first: the first call
+  after another contender pays for the memory that contender left behind (measured: the first
+  JAX step after a PyTorch step took 4.4 s against 2.2 s for the next, most of it in the
+  kernel's page handling), which a training run that only runs one of them never pays. Taking
+  turns, rather than timing all of A and then all of B, spreads slow spells of a shared machine
+  over every contender. ``steps`` timed calls each, in ``ceil(steps / (block - 1))`` turns.
+  """
+  block = max(block, 2) if len(ones) > 1 else 1
+  times = {name: [] for name in ones}
+  last = {name: one() for name, one in ones.items()}  # warm-up
+  while min(len(v) for v in times.values()) < steps:
+    for name, one in ones.items():
+      for i in range(block):
+        t = time.perf_counter()
+        last[name] = one()
+        if i > 0 or block == 1:
+          times[name].append(time.perf_counter() - t)
+  return {name: {"step_s": float(np.median(v[:steps])), "steps_s": v[:steps], "loss": last[name]}
+          for name, v in times.items()}
+
+
+def bench_jax(members: int, steps: int, depthwise_impl: str = "auto", strategy: str = "auto", *,
+              dtype: str = "float32", batch: int = BATCH, size: int = SIZE, classes: int = CLASSES,
+              width: float = 1.0, blocks=(1, 4, 6, 2), embedding_dim: int = 512,
+              profile_dir: str | None = None):
+  """Median images/s of faceens' jitted train step (the ``baseline`` method for K > 1).
+
+  ``profile_dir``: afterwards, trace 3 more steps there with ``jax.profiler`` (perfetto trace).
+  """
+  import jax
+  one, info = jax_step(members, depthwise_impl, strategy, dtype=dtype, batch=batch, size=size,
+                       classes=classes, width=width, blocks=blocks, embedding_dim=embedding_dim)
+  t = time_interleaved(steps, jax=one)["jax"]
+  assert np.isfinite(t["loss"])
   if profile_dir:
     with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
       for _ in range(3):
-        state, m = step(state, xb, yb)
-      jax.block_until_ready(m)
-  return {"img_per_s": batch / float(np.median(times)), "step_s": float(np.median(times)),
-          "compile_s": compile_s, "backend": jax.default_backend(), "loss": float(m["loss"]),
-          "depthwise_impl": depthwise_impl, "strategy": strategy, "dtype": dtype}
+        one()
+  return {"img_per_s": batch / t["step_s"], **t, **info}
+
+
+def cpu_profile_by_kind(trace_dir: str, n: int = 12) -> dict:
+  """XLA:CPU op time per step grouped by fusion kind (``ynn_fusion.12`` -> ``ynn_fusion``).
+
+  Sums the ops on XLA's worker threads of a ``jax.profiler`` perfetto trace, divided by the
+  number of traced steps. On 2 threads the op time can exceed the step's wall time.
+  """
+  import collections
+  import glob
+  import gzip
+  import re
+  paths = glob.glob(os.path.join(trace_dir, "**", "*perfetto_trace.json.gz"), recursive=True)
+  with gzip.open(max(paths, key=os.path.getmtime), "rt") as f:
+    events = json.load(f)["traceEvents"]
+  threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  ops = [e for e in events if e.get("ph") == "X" and "run_id" in e.get("args", {})
+         and threads.get((e["pid"], e["tid"]), "").startswith("tf_XLA")
+         and not e["name"].startswith(("ThunkExecutor", "end:", "SlinkyThreadPool"))]
+  steps = len({e["args"]["run_id"] for e in ops}) or 1
+  ms, count = collections.Counter(), collections.Counter()
+  for e in ops:
+    kind = re.sub(r"[._]\d+$", "", e["name"])
+    ms[kind] += e["dur"] / 1e3 / steps
+    count[kind] += 1
+  total = sum(ms.values())
+  return {"op_ms_per_step": total, "ops_per_step": len(ops) // steps, "steps": steps,
+          "top": [{"kind": k, "ms": v, "share": v / total, "ops": count[k] // steps}
+                  for k, v in ms.most_common(n)]}
 
 
 # ----------------------------------------------------------------------------- PyTorch
@@ -151,14 +215,14 @@ def torch_model(members: int, *, classes: int = CLASSES, width: float = 1.0,
   return Ensemble()
 
 
-def bench_torch(members: int, steps: int, channels_last: bool, *, device: str = "cpu",
-                bf16: bool = False, compile: bool = False, batch: int = BATCH, size: int = SIZE,
-                classes: int = CLASSES, width: float = 1.0, blocks=(1, 4, 6, 2),
-                embedding_dim: int = 512):
-  """Median images/s of the same network and loss in PyTorch (eager, or ``torch.compile``).
+def torch_step(members: int, channels_last: bool, *, device: str = "cpu", bf16: bool = False,
+               compile: bool = False, batch: int = BATCH, size: int = SIZE,
+               classes: int = CLASSES, width: float = 1.0, blocks=(1, 4, 6, 2),
+               embedding_dim: int = 512):
+  """The same network and loss in PyTorch (eager, or ``torch.compile``), run once.
 
   One optimizer over all K members and heads, no gradient clipping (faceens' paper recipe);
-  ``bf16``: autocast to bfloat16 (parameters and the loss stay float32).
+  ``bf16``: autocast to bfloat16 (parameters and the loss stay float32). Returns ``(one, info)``.
   """
   import torch
   torch.manual_seed(0)
@@ -180,24 +244,27 @@ def bench_torch(members: int, steps: int, channels_last: bool, *, device: str = 
       loss = forward(x, y)
     loss.backward()
     opt.step()
-    return loss
+    sync()
+    return float(loss.detach())
 
   t0 = time.perf_counter()
   one()
-  sync()
-  first_s = time.perf_counter() - t0
-  one()  # warm-up
-  sync()
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    loss = one()
-    sync()
-    times.append(time.perf_counter() - t)
-  return {"img_per_s": batch / float(np.median(times)), "step_s": float(np.median(times)),
-          "first_step_s": first_s, "threads": torch.get_num_threads(), "loss": float(loss.detach()),
+  info = {"first_step_s": time.perf_counter() - t0, "threads": torch.get_num_threads(),
           "channels_last": channels_last, "bf16": bf16, "compile": compile, "device": device,
           "torch": torch.__version__}
+  return one, info
+
+
+def bench_torch(members: int, steps: int, channels_last: bool, *, device: str = "cpu",
+                bf16: bool = False, compile: bool = False, batch: int = BATCH, size: int = SIZE,
+                classes: int = CLASSES, width: float = 1.0, blocks=(1, 4, 6, 2),
+                embedding_dim: int = 512):
+  """Median images/s of ``torch_step``."""
+  one, info = torch_step(members, channels_last, device=device, bf16=bf16, compile=compile,
+                         batch=batch, size=size, classes=classes, width=width, blocks=blocks,
+                         embedding_dim=embedding_dim)
+  t = time_interleaved(steps, torch=one)["torch"]
+  return {"img_per_s": batch / t["step_s"], **t, **info}
 
 
 def main():
@@ -206,22 +273,44 @@ def main():
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--out", default="bench/results/train_step.json")
   p.add_argument("--no-torch", action="store_true")
+  p.add_argument("--profile", default=None,
+                 help="directory: trace 3 JAX steps per K there and add the op time per fusion "
+                      "kind to the JSON")
   a = p.parse_args()
   import jax
   results = {"batch": BATCH, "size": SIZE, "classes": CLASSES, "machine": platform.machine(),
-             "cpu_count": os.cpu_count(), "jax": jax.__version__, "runs": []}
+             "cpu_count": os.cpu_count(), "jax": jax.__version__,
+             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+             "timing": "median of --steps steps per contender, contenders taking turns in blocks of 3 "
+                       "steps whose first step is not timed",
+             "runs": []}
   for k in [int(s) for s in a.members.split(",")]:
-    row = {"members": k, "jax": bench_jax(k, a.steps)}
-    print(f"K={k} jax: {row['jax']['img_per_s']:.1f} img/s (compile {row['jax']['compile_s']:.0f} s)",
+    one, info = jax_step(k)
+    ones, infos = {"jax": one}, {"jax": info}
+    if not a.no_torch:
+      for name, cl in (("torch_nchw", False), ("torch_channels_last", True)):
+        ones[name], infos[name] = torch_step(k, cl)
+    timed = time_interleaved(a.steps, **ones)
+    row = {"members": k}
+    for name in ones:
+      row[name] = {"img_per_s": BATCH / timed[name]["step_s"], **timed[name], **infos[name]}
+    print(f"K={k} jax: {row['jax']['img_per_s']:.1f} img/s (compile {info['compile_s']:.0f} s)",
           flush=True)
     if not a.no_torch:
-      row["torch_nchw"] = bench_torch(k, a.steps, False)
-      row["torch_channels_last"] = bench_torch(k, a.steps, True)
       best = max(row["torch_nchw"]["img_per_s"], row["torch_channels_last"]["img_per_s"])
       row["speedup_vs_best_torch"] = row["jax"]["img_per_s"] / best
       print(f"K={k} torch: NCHW {row['torch_nchw']['img_per_s']:.1f}, channels_last "
             f"{row['torch_channels_last']['img_per_s']:.1f} img/s; JAX / best torch = "
             f"{row['speedup_vs_best_torch']:.2f}x", flush=True)
+    if a.profile:
+      trace_dir = os.path.join(a.profile, f"k{k}")
+      with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(3):
+          one()
+      row["jax_profile"] = cpu_profile_by_kind(trace_dir)
+      for r in row["jax_profile"]["top"][:6]:
+        print(f"  {r['share']:6.1%} {r['ms']:7.0f} ms {r['ops']:5d} ops  {r['kind']}")
+    del ones
     results["runs"].append(row)
   os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
   with open(a.out, "w") as f:
@@ -230,4 +319,6 @@ def main():
 
 
 if __name__ == "__main__":
+  from faceens import hostenv
+  hostenv.reexec_with_hugepage_malloc()  # as the faceens commands do; PyTorch shares the malloc
   main()

@@ -19,6 +19,10 @@ the paper's protocol) or a fixed feature distance such as ``--goal=0.2``.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before JAX: glibc reads its tunables at start (faceens.hostenv)
+  from faceens import hostenv
+  hostenv.reexec_with_hugepage_malloc()
+
 import dataclasses
 import json
 import os

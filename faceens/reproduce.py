@@ -18,6 +18,10 @@ Stages (``--stages``, default all, in this order):
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before JAX: glibc reads its tunables at start (faceens.hostenv)
+  from faceens import hostenv
+  hostenv.reexec_with_hugepage_malloc()
+
 import dataclasses
 import json
 import os

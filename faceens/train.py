@@ -17,6 +17,10 @@ restarted run resumes from the latest and ends bit-identical to an uninterrupted
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before JAX: glibc reads its tunables at start (faceens.hostenv)
+  from faceens import hostenv
+  hostenv.reexec_with_hugepage_malloc()
+
 import dataclasses
 import json
 import logging

@@ -6,6 +6,10 @@ of the run's last ``faceens.evaluate`` (``DIR/eval.json``), or ``--threshold``.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before JAX: glibc reads its tunables at start (faceens.hostenv)
+  from faceens import hostenv
+  hostenv.reexec_with_hugepage_malloc()
+
 import json
 
 import numpy as np
