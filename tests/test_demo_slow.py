@@ -1,4 +1,4 @@
-"""The README's demo end to end (about 7 minutes on 2 cores): run with `python -m pytest -m slow`."""
+"""The README's demo end to end (about 4.5 minutes on 2 cores): run with `python -m pytest -m slow`."""
 
 import json
 import os
