@@ -30,17 +30,33 @@ def run_dir(tmp_path_factory):
   return workdir
 
 
-def run_on_simulated_devices(script: str, n: int, tmp_path):
-  """Runs ``python -c script OUT.npz`` with ``n`` simulated CPU devices; returns the npz."""
+def run_on_simulated_devices(script: str, counts, tmp_path):
+  """Runs ``python -c script OUT.npz`` once per device count in ``counts``, all at once.
+
+  Each run has its own number of simulated CPU devices and XLA's cheap compilation pipeline
+  (the runs are compared with each other, not with the in-process tests); the processes run
+  side by side, as their time is mostly single-threaded compilation. Returns ``{n: npz}``.
+  """
   import subprocess
   import sys
 
   import numpy as np
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
-             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  out = str(tmp_path / f"devices{n}.npz")
-  subprocess.run([sys.executable, "-c", script, out], check=True, env=env, cwd=REPO)
-  return np.load(out)
+  procs = {}
+  for n in counts:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **FAST_COMPILE_ENV)
+    out = str(tmp_path / f"devices{n}.npz")
+    procs[n] = (subprocess.Popen([sys.executable, "-c", script, out], env=env, cwd=REPO,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), out)
+  try:
+    for n, (p, _) in procs.items():
+      log, _ = p.communicate(timeout=600)
+      assert p.returncode == 0, f"{n} simulated devices:\n{log[-3000:]}"
+  finally:
+    for p, _ in procs.values():
+      if p.poll() is None:
+        p.kill()
+  return {n: np.load(out) for n, (_, out) in procs.items()}
 
 
 @pytest.fixture()

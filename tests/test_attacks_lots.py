@@ -166,7 +166,7 @@ SHARDED = textwrap.dedent("""
 
 
 def test_four_simulated_devices_equal_one(tmp_path):
-  outs = {n: run_on_simulated_devices(SHARDED, n, tmp_path) for n in (1, 4)}
+  outs = run_on_simulated_devices(SHARDED, (1, 4), tmp_path)
   assert int(outs[4]["n"]) == 4
   np.testing.assert_array_equal(outs[4]["iterations"], outs[1]["iterations"])
   np.testing.assert_array_equal(outs[4]["success"], outs[1]["success"])

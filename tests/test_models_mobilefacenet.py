@@ -21,7 +21,7 @@ def test_prelu_is_per_channel_at_025():
 
 
 @pytest.mark.parametrize("head,size", [("gdc", 32), ("bn_dropout_fc_bn", 64)])
-def test_mobilefacenet_shapes_and_dtypes(head, size):
+def test_mobilefacenet_shapes_and_dtypes(head, size, fast_compile):
   m = MobileFaceNet(head=head, **TINY)
   x = jnp.zeros((2, size, size, 3))
   v = jax.jit(m.init)({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}, x)

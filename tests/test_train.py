@@ -127,7 +127,7 @@ ONE_STEP = textwrap.dedent("""
 
 
 def test_four_simulated_devices_equal_one(tmp_path):
-  outs = {n: run_on_simulated_devices(ONE_STEP, n, tmp_path) for n in (1, 4)}
+  outs = run_on_simulated_devices(ONE_STEP, (1, 4), tmp_path)
   assert int(outs[1]["n"]) == 1 and int(outs[4]["n"]) == 4
   np.testing.assert_allclose(outs[4]["loss"], outs[1]["loss"], rtol=1e-5)
   keys = [k for k in outs[1].files if k.startswith("arr_")]
