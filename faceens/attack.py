@@ -341,7 +341,7 @@ def white_box(model, methods, n_pairs: int, goal: str, out_dir: str, *, images_d
   """White-box attacks of ``methods`` (``parse_methods``) with the settings of ``base``."""
   x_src, x_tgt, pairs, source = pair_images(model, images_dir, n_pairs, seed)
   g = _goal_value(model, goal)
-  is_main = jax.process_index() == 0  # with several processes, process 0 writes the files
+  is_main = sharding.is_main_process()
   if is_main:
     os.makedirs(out_dir, exist_ok=True)
   summaries = {}
@@ -415,7 +415,7 @@ def black_box(source_model, target_models, methods, n_pairs: int, distances, *, 
              "pairs_from": source, "seed": seed, "config": vars(cfg),
              "points": sorted(points[ti], key=lambda p: p["distance"])}
       results[(t.workdir, name)] = doc
-      if jax.process_index() == 0:  # with several processes, process 0 writes the files
+      if sharding.is_main_process():
         out_dir = out_dirs[ti] if out_dirs else os.path.join(t.workdir, "attacks")
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, f"transfer_{name}.json"), "w") as f:
@@ -441,7 +441,7 @@ def main(argv):
                            step_size=FLAGS.step_size, cw_lr=FLAGS.cw_lr, cw_c=FLAGS.cw_c,
                            cw_patience=FLAGS.cw_patience, restarts=FLAGS.restarts)
   kw = dict(images_dir=FLAGS.images, seed=FLAGS.seed, batch_size=FLAGS.batch_size, base=base,
-            progress=jax.process_index() == 0)
+            progress=sharding.is_main_process())
   try:
     methods = parse_methods(FLAGS.method)
     workdirs = [w for w in FLAGS.workdir.split(",") if w]
@@ -453,7 +453,7 @@ def main(argv):
       targets = [api.load(w) for w in workdirs]
       out_dirs = [FLAGS.out] * len(targets) if FLAGS.out and len(targets) == 1 else None
       res = black_box(src, targets, methods, FLAGS.pairs, distances, out_dirs=out_dirs, **kw)
-      for (target, name), doc in res.items() if jax.process_index() == 0 else ():
+      for (target, name), doc in res.items() if sharding.is_main_process() else ():
         print(f"{name}: {FLAGS.source_workdir} -> {target}")
         for p in doc["points"]:
           rate = "n/a" if p["transfer_rate"] is None else f"{p['transfer_rate']:.3f}"
@@ -468,7 +468,7 @@ def main(argv):
     overall = white_box(model, methods, FLAGS.pairs, FLAGS.goal, out, **kw)
   except (ValueError, FileNotFoundError, DataError) as e:
     raise SystemExit(f"error: {e}") from None
-  if jax.process_index() == 0:
+  if sharding.is_main_process():
     _print_white(overall)
     print(f"wrote {out}/attack_<method>.json, .npz, attack_summary.json")
 

@@ -16,6 +16,11 @@ from absl import logging as absl_logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
+def is_main_process() -> bool:
+  """Whether this is process 0, the one that writes files and shows progress (True alone)."""
+  return jax.process_index() == 0
+
+
 def make_mesh(devices=None) -> Mesh:
   """A 1-D mesh over ``devices`` (default: every device of every process), axis ``data``."""
   devices = np.asarray(devices if devices is not None else jax.devices())

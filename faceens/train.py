@@ -458,7 +458,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
   os.makedirs(workdir, exist_ok=True)
   run = setup(c, workdir)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  if jax.process_index() == 0:
+  if sharding.is_main_process():
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(c.to_json_best_effort(indent=2))
     _truncate_metrics(metrics_path, run.start)
@@ -498,7 +498,7 @@ def train_loop(run: Setup, metrics_path: str, *, stop_after: int | None = None,
   """Steps ``run`` (from ``setup(c, workdir)``) to ``run.num_steps``: logs every ``train.log_every`` steps, evaluates every
   ``train.eval_every``, checkpoints every ``train.checkpoint_every`` (never a non-finite state).
   Returns None when stopped early by ``stop_after``."""
-  c, mngr, is_main = run.c, run.mngr, jax.process_index() == 0
+  c, mngr, is_main = run.c, run.mngr, sharding.is_main_process()
   schedule = learning_rate_schedule(c, run.num_steps)
   bar = tqdm(total=run.num_steps, initial=run.start, disable=not (progress and is_main),
              unit="step", dynamic_ncols=True, desc=f"{c.loss.name}_{c.method}")
@@ -558,7 +558,7 @@ def _evaluate_during_training(run: Setup, done: int, metrics_path: str, bar) -> 
       name: {"accuracy": r["accuracy"], "accuracy_std": r["accuracy_std"],
              "roc_auc": r["roc_auc"], "paper_accuracy": r["paper"]["accuracy"],
              "member_accuracy": [m["accuracy"] for m in r["members"]]}
-      for name, r in results.items()}}, jax.process_index() == 0)
+      for name, r in results.items()}}, sharding.is_main_process())
   if bar is not None:
     bar.write(f"step {done}: " + ", ".join(
         f"{n} accuracy {r['accuracy']:.4f} (paper {r['paper']['accuracy']:.4f})"
@@ -584,7 +584,7 @@ def finish(run: Setup, workdir: str, log: _Log, train_seconds: float) -> dict:
       "backbone_params": _backbone_params(run.state), "devices": int(run.mesh.size),
       "backend": jax.default_backend(), "heldout_accuracy": None,
   }
-  is_main = jax.process_index() == 0
+  is_main = sharding.is_main_process()
   if run.eval_sets:
     results = run_evaluation(c, run.face_model, run.state, run.eval_sets)
     if "heldout" in results:
@@ -661,7 +661,7 @@ def main(argv):
   except (ValueError, FileNotFoundError, NotImplementedError, image_folder.DataError,
           NonFiniteLossError) as e:
     raise SystemExit(f"error: {e}") from None
-  if jax.process_index() == 0:
+  if sharding.is_main_process():
     _print_summary(summary, FLAGS.workdir)
 
 
