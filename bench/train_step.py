@@ -9,8 +9,9 @@ per-member class weights (the ``baseline`` method). JAX: one jitted ``train_step
 ``faceens.train``. PyTorch: InsightFace's ``arcface_torch`` MobileFaceNet written out below, eager,
 NCHW and channels_last, members in a Python loop, one optimizer. Median images/s over ``--steps``
 timed steps after compilation and one warm-up step; the contenders take turns in blocks of 3 steps
-(the first of each untimed), so a slow spell of a shared machine hits all of them. ``--profile DIR`` adds XLA:CPU's op time per
-fusion kind (a ``jax.profiler`` trace of 3 steps). Writes JSON; prints a table.
+(the first of each untimed), so a slow spell of a shared machine hits all of them.
+``--profile DIR`` adds XLA:CPU's op time per fusion kind (a ``jax.profiler`` trace of 3 steps).
+Writes JSON; prints a table.
 """
 
 from __future__ import annotations
@@ -104,16 +105,21 @@ def bench_jax(members: int, steps: int, depthwise_impl: str = "auto", strategy: 
 
   ``profile_dir``: afterwards, trace 3 more steps there with ``jax.profiler`` (perfetto trace).
   """
-  import jax
   one, info = jax_step(members, depthwise_impl, strategy, dtype=dtype, batch=batch, size=size,
                        classes=classes, width=width, blocks=blocks, embedding_dim=embedding_dim)
   t = time_interleaved(steps, jax=one)["jax"]
   assert np.isfinite(t["loss"])
   if profile_dir:
-    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
-      for _ in range(3):
-        one()
+    trace_steps(one, profile_dir)
   return {"img_per_s": batch / t["step_s"], **t, **info}
+
+
+def trace_steps(one, trace_dir: str, steps: int = 3):
+  """Runs ``steps`` calls of ``one()`` under ``jax.profiler`` (a perfetto trace in ``trace_dir``)."""
+  import jax
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    for _ in range(steps):
+      one()
 
 
 def cpu_profile_by_kind(trace_dir: str, n: int = 12) -> dict:
@@ -304,9 +310,7 @@ def main():
             f"{row['speedup_vs_best_torch']:.2f}x", flush=True)
     if a.profile:
       trace_dir = os.path.join(a.profile, f"k{k}")
-      with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        for _ in range(3):
-          one()
+      trace_steps(one, trace_dir)
       row["jax_profile"] = cpu_profile_by_kind(trace_dir)
       for r in row["jax_profile"]["top"][:6]:
         print(f"  {r['share']:6.1%} {r['ms']:7.0f} ms {r['ops']:5d} ops  {r['kind']}")

@@ -30,6 +30,11 @@ def run_dir(tmp_path_factory):
   return workdir
 
 
+def subprocess_env(**extra) -> dict:
+  """This process's environment for a child Python that imports faceens from this checkout."""
+  return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
+
+
 def run_on_simulated_devices(script: str, counts, tmp_path):
   """Runs ``python -c script OUT.npz`` once per device count in ``counts``, all at once.
 
@@ -43,8 +48,8 @@ def run_on_simulated_devices(script: str, counts, tmp_path):
   import numpy as np
   procs = {}
   for n in counts:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
-               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **FAST_COMPILE_ENV)
+    env = subprocess_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+                         **FAST_COMPILE_ENV)
     out = str(tmp_path / f"devices{n}.npz")
     procs[n] = (subprocess.Popen([sys.executable, "-c", script, out], env=env, cwd=REPO,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), out)

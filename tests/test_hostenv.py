@@ -1,14 +1,12 @@
 """faceens.hostenv: when the commands re-execute themselves with glibc's huge-page malloc."""
 
-import os
 import subprocess
 import sys
 
 import pytest
 
 from faceens import hostenv
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import subprocess_env
 
 
 @pytest.mark.parametrize("environ,glibc,thp,expected", [
@@ -43,8 +41,10 @@ def _run(tmp_path, **extra_env):
       "from faceens import hostenv\n"
       "hostenv.reexec_with_hugepage_malloc()\n"
       "print('args', sys.argv[1:], os.environ.get('GLIBC_TUNABLES', ''))\n")
-  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hostenv.OPT_OUT)}
-  env.update(PYTHONPATH=REPO, **extra_env)
+  env = subprocess_env(**extra_env)
+  env.pop("GLIBC_TUNABLES", None)
+  if hostenv.OPT_OUT not in extra_env:
+    env.pop(hostenv.OPT_OUT, None)
   out = subprocess.run([sys.executable, str(script), "--a=1", "b"], env=env, capture_output=True,
                        text=True, timeout=60, check=True)
   return out.stdout.splitlines()

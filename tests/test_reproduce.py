@@ -10,8 +10,8 @@ import numpy as np
 import faceens
 from faceens import attack, reproduce_report, verification
 from faceens.attacks import lots
-from tests.builders import make_lfw, REPO
-from tests.conftest import FAST_COMPILE_ENV
+from tests.builders import make_lfw
+from tests.conftest import FAST_COMPILE_ENV, subprocess_env
 
 
 # 10 person-disjoint folds of one same-person and one different-person pair each: people P00-P09
@@ -22,8 +22,7 @@ PAIRS20 = "10\t1\n" + "".join(f"P{2 * f:02d}\t1\t2\nP{2 * f:02d}\t3\tP{2 * f + 1
 
 
 def _run(args, cwd):
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-             **FAST_COMPILE_ENV)
+  env = subprocess_env(**FAST_COMPILE_ENV)
   return subprocess.run([sys.executable, "-m", "faceens.reproduce", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=900)
 

@@ -6,7 +6,6 @@ the result of a 1-process attack.
 """
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -23,7 +22,7 @@ from faceens import attack as attack_cli
 from faceens import configs, sharding, train
 from faceens.attacks import lots
 from tests.builders import REPO
-from tests.conftest import FAST_COMPILE_ENV
+from tests.conftest import FAST_COMPILE_ENV, subprocess_env
 
 STEPS, EVERY = 4, 2
 CONFIG = ["--config=experiments/arcface_srv_fdp.py:test", f"--config.train.steps={STEPS}",
@@ -37,8 +36,7 @@ def _free_port() -> int:
 
 
 def _env(**extra):
-  return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-              **FAST_COMPILE_ENV, **extra)
+  return subprocess_env(**FAST_COMPILE_ENV, **extra)
 
 
 def launch(argv_for, n: int, tmp_path, name: str, *, env_for=None, until: str | None = None,

@@ -63,6 +63,21 @@ def _overlap(size: int, out: int, tap: int, pad: int, stride: int):
   return lo, hi, lo * stride + tap - pad
 
 
+def _tap_view(x, i, j, out_h, out_w, padding, stride):
+  """``((lo, hi), (lw, hw), view)``: the output rows/columns ``lo..hi`` x ``lw..hw`` that tap
+  ``(i, j)`` computes from real input, and the strided slice of ``x`` they read; ``None`` when
+  the tap only ever reads padding."""
+  (ph, pw), (b, in_h, in_w, c) = padding, x.shape
+  lo, hi, xh = _overlap(in_h, out_h, i, ph, stride)
+  lw, hw, xw = _overlap(in_w, out_w, j, pw, stride)
+  if hi < lo or hw < lw:
+    return None
+  view = lax.slice(x, (0, xh, xw, 0),
+                   (b, xh + (hi - lo) * stride + 1, xw + (hw - lw) * stride + 1, c),
+                   (1, stride, stride, 1))
+  return (lo, hi), (lw, hw), view
+
+
 def _shifted_forward(x, kernel, stride, padding):
   """``out[b,h,w,c] = sum_ij xpad[b, h*s+i, w*s+j, c] k[i,j,0,c]`` without a padded copy of ``x``.
 
@@ -78,14 +93,11 @@ def _shifted_forward(x, kernel, stride, padding):
   zero = jnp.zeros((), x.dtype)
   out = jnp.zeros((b, out_h, out_w, c), x.dtype)
   for i in range(kh):
-    lo, hi, xh = _overlap(in_h, out_h, i, ph, stride)
     for j in range(kw):
-      lw, hw, xw = _overlap(in_w, out_w, j, pw, stride)
-      if hi < lo or hw < lw:
-        continue  # this tap only ever reads padding
-      view = lax.slice(x, (0, xh, xw, 0),
-                       (b, xh + (hi - lo) * stride + 1, xw + (hw - lw) * stride + 1, c),
-                       (1, stride, stride, 1))
+      tap = _tap_view(x, i, j, out_h, out_w, (ph, pw), stride)
+      if tap is None:
+        continue
+      (lo, hi), (lw, hw), view = tap
       out = out + lax.pad(view * kernel[i, j, 0], zero,
                           ((0, 0, 0), (lo, out_h - 1 - hi, 0), (lw, out_w - 1 - hw, 0), (0, 0, 0)))
   return out
@@ -125,23 +137,19 @@ def _input_grad(g, kernel, stride, padding, in_h, in_w):
 
 def _kernel_grad(x, g, kh, kw, stride, padding, chunk):
   """``dK[i, j, c] = sum_{b,h,w} xpad[b, h*s+i, w*s+j, c] g[b, h, w, c]``, batch in chunks."""
-  b, in_h, in_w, c = x.shape
+  b, c = x.shape[0], x.shape[3]
   out_h, out_w = g.shape[1], g.shape[2]
-  ph, pw = padding
 
   def taps(xc, gc):
     sums = []
     for i in range(kh):
-      lo, hi, xh = _overlap(in_h, out_h, i, ph, stride)
       for j in range(kw):
-        lw, hw, xw = _overlap(in_w, out_w, j, pw, stride)
-        if hi < lo or hw < lw:  # this tap only ever reads padding
+        tap = _tap_view(xc, i, j, out_h, out_w, padding, stride)
+        if tap is None:
           sums.append(jnp.zeros((c,), jnp.float32))
           continue
-        xv = lax.slice(xc, (0, xh, xw, 0),
-                       (xc.shape[0], xh + (hi - lo) * stride + 1, xw + (hw - lw) * stride + 1, c),
-                       (1, stride, stride, 1))
-        prod = (xv * gc[:, lo:hi + 1, lw:hw + 1]).astype(jnp.float32)
+        (lo, hi), (lw, hw), view = tap
+        prod = (view * gc[:, lo:hi + 1, lw:hw + 1]).astype(jnp.float32)
         # Rows first: a reduction over the contiguous W axis, then over batch and H.
         sums.append(jnp.sum(jnp.sum(prod, axis=2), axis=(0, 1)))
     return jnp.stack(sums)  # [kh*kw, C]
