@@ -10,7 +10,8 @@ per-member class weights (the ``baseline`` method). JAX: one jitted ``train_step
 NCHW and channels_last, members in a Python loop, one optimizer. Median images/s over ``--steps``
 timed steps after compilation and one warm-up step; the contenders take turns in blocks of 3 steps
 (the first of each untimed), so a slow spell of a shared machine hits all of them.
-``--profile DIR`` adds XLA:CPU's op time per fusion kind (a ``jax.profiler`` trace of 3 steps).
+``--profile DIR`` adds XLA:CPU's op time per fusion kind (a ``jax.profiler`` trace of 3 steps) and
+PyTorch channels_last's self time per aten op (``torch.profiler``, 2 steps).
 Writes JSON; prints a table.
 """
 
@@ -155,6 +156,21 @@ def cpu_profile_by_kind(trace_dir: str, n: int = 12) -> dict:
 # ----------------------------------------------------------------------------- PyTorch
 
 
+def torch_profile_by_op(one, steps: int = 2, n: int = 8) -> dict:
+  """PyTorch's own profiler over ``steps`` calls of ``one()``: self CPU time per aten op per step
+  (the main thread's view: an op's time includes its intra-op worker threads)."""
+  from torch.profiler import ProfilerActivity, profile
+  with profile(activities=[ProfilerActivity.CPU]) as prof:
+    for _ in range(steps):
+      one()
+  rows = sorted(prof.key_averages(), key=lambda r: -r.self_cpu_time_total)
+  total = sum(r.self_cpu_time_total for r in rows) / 1e3 / steps
+  return {"self_ms_per_step": total, "steps": steps,
+          "top": [{"op": r.key, "ms": r.self_cpu_time_total / 1e3 / steps,
+                   "share": r.self_cpu_time_total / 1e3 / steps / total, "calls": r.count // steps}
+                  for r in rows[:n]]}
+
+
 def torch_model(members: int, *, classes: int = CLASSES, width: float = 1.0,
                 blocks=(1, 4, 6, 2), d: int = 512, size: int = SIZE):
   """arcface_torch's MobileFaceNet (GDC head) x K with per-member CosFace class weights."""
@@ -280,8 +296,8 @@ def main():
   p.add_argument("--out", default="bench/results/train_step.json")
   p.add_argument("--no-torch", action="store_true")
   p.add_argument("--profile", default=None,
-                 help="directory: trace 3 JAX steps per K there and add the op time per fusion "
-                      "kind to the JSON")
+                 help="directory: trace 3 JAX steps per K there; add the op time per fusion kind "
+                      "and PyTorch channels_last's time per aten op to the JSON")
   a = p.parse_args()
   import jax
   results = {"batch": BATCH, "size": SIZE, "classes": CLASSES, "machine": platform.machine(),
@@ -314,6 +330,10 @@ def main():
       row["jax_profile"] = cpu_profile_by_kind(trace_dir)
       for r in row["jax_profile"]["top"][:6]:
         print(f"  {r['share']:6.1%} {r['ms']:7.0f} ms {r['ops']:5d} ops  {r['kind']}")
+      if not a.no_torch:
+        row["torch_channels_last_profile"] = torch_profile_by_op(ones["torch_channels_last"])
+        for r in row["torch_channels_last_profile"]["top"][:6]:
+          print(f"  torch {r['share']:6.1%} {r['ms']:7.0f} ms {r['calls']:5d} calls  {r['op']}")
     del ones
     results["runs"].append(row)
   os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
