@@ -1,5 +1,7 @@
 """faceens.models.depthwise: every implementation against float64 numpy, forward and gradients."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,8 +64,8 @@ def test_shifted_kernel_gradient_chunking_is_exact(stride):
   g = rng.normal(size=numpy_depthwise(x, k, stride).shape)
   _, dk_ref = numpy_depthwise_grads(x, k, g, stride, None)
   for c in (1, 2, 4, 8, None):
-    _, vjp = jax.vjp(lambda kk, c=c: depthwise.shifted_depthwise(jnp.float32(x), kk, stride, chunk=c),
-                     jnp.float32(k))
+    _, vjp = jax.vjp(functools.partial(depthwise.shifted_depthwise, jnp.float32(x), stride=stride,
+                                       chunk=c), jnp.float32(k))
     np.testing.assert_allclose(vjp(jnp.float32(g))[0], dk_ref, rtol=1e-5, atol=1e-4,
                                err_msg=f"chunk={c}")
 
