@@ -102,20 +102,28 @@ def _shifted_forward(x, kernel, stride, padding):
   return out
 
 
-def _correlate(x, kernel, pads):
-  """``out[b,h,w,c] = sum_ij xp[b, h+i, w+j, c] k[i,j,0,c]`` with ``xp = lax.pad(x, pads)``.
+def _padded_windows(x, kh: int, kw: int, pads):
+  """The ``kh * kw`` windows ``xp[:, i:i+oh, j:j+ow]`` of ``xp = lax.pad(x, pads)``, taps in
+  row-major order, with ``oh, ow`` = the padded size minus the kernel size plus one.
 
   ``pads``: ``((lo, hi, interior), (lo, hi, interior))`` for H and W; interior padding puts
   ``interior`` zeros between rows/columns (the transpose of a strided convolution).
   """
-  kh, kw = kernel.shape[:2]
   xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0),) + tuple(pads) + ((0, 0, 0),))
   oh, ow = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+  return [lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + oh, j + ow, xp.shape[3]))
+          for i in range(kh) for j in range(kw)]
+
+
+def _correlate(x, kernel, pads):
+  """``out[b,h,w,c] = sum_ij xp[b, h+i, w+j, c] k[i,j,0,c]`` with ``xp = lax.pad(x, pads)``
+  (``pads`` as in ``_padded_windows``)."""
+  kh, kw = kernel.shape[:2]
   out = None
-  for i in range(kh):
-    for j in range(kw):
-      term = lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + oh, j + ow, xp.shape[3])) * kernel[i, j, 0]
-      out = term if out is None else out + term
+  taps = [kernel[i, j, 0] for i in range(kh) for j in range(kw)]
+  for window, k in zip(_padded_windows(x, kh, kw, pads), taps):
+    term = window * k
+    out = term if out is None else out + term
   return out
 
 
@@ -173,11 +181,8 @@ def _kernel_grad(x, g, kh, kw, stride, padding, chunk):
   ph, pw = padding
 
   def fused_taps(xc, gc):
-    zero = jnp.zeros((), xc.dtype)
-    xp = lax.pad(xc, zero, ((0, 0, 0), (ph, out_h + kh - 1 - xc.shape[1] - ph, 0),
-                            (pw, out_w + kw - 1 - xc.shape[2] - pw, 0), (0, 0, 0)))
-    prods = [(lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + out_h, j + out_w, c)) * gc)
-             .astype(jnp.float32) for i in range(kh) for j in range(kw)]
+    pads = ((ph, out_h + kh - 1 - xc.shape[1] - ph, 0), (pw, out_w + kw - 1 - xc.shape[2] - pw, 0))
+    prods = [(window * gc).astype(jnp.float32) for window in _padded_windows(xc, kh, kw, pads)]
     sums = lax.reduce(prods, [jnp.zeros((), jnp.float32)] * len(prods),
                       lambda a, b: [u + v for u, v in zip(a, b)], (0, 1, 2))
     return jnp.stack(sums)  # [kh*kw, C]
