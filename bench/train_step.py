@@ -35,7 +35,7 @@ BATCH, SIZE, CLASSES = 64, 112, 1000
 
 
 def jax_step(members: int, depthwise_impl: str = "auto", strategy: str = "auto", *,
-             dtype: str = "float32", batch: int = BATCH, size: int = SIZE, classes: int = CLASSES,
+             batchnorm_impl: str = "auto", dtype: str = "float32", batch: int = BATCH, size: int = SIZE, classes: int = CLASSES,
              width: float = 1.0, blocks=(1, 4, 6, 2), embedding_dim: int = 512):
   """faceens' jitted train step (the ``baseline`` method for K > 1), compiled and run once.
 
@@ -48,6 +48,7 @@ def jax_step(members: int, depthwise_impl: str = "auto", strategy: str = "auto",
   c.ensemble.num_members = members
   c.model.head = "gdc"
   c.model.depthwise_impl = depthwise_impl
+  c.model.batchnorm_impl = batchnorm_impl
   c.model.dtype = dtype
   c.model.width, c.model.blocks, c.model.embedding_dim = width, tuple(blocks), embedding_dim
   c.data.image_size = size
@@ -70,7 +71,8 @@ def jax_step(members: int, depthwise_impl: str = "auto", strategy: str = "auto",
   t0 = time.perf_counter()
   one()
   info = {"compile_s": time.perf_counter() - t0, "backend": jax.default_backend(),
-          "depthwise_impl": depthwise_impl, "strategy": strategy, "dtype": dtype}
+          "depthwise_impl": depthwise_impl, "batchnorm_impl": batchnorm_impl, "strategy": strategy,
+          "dtype": dtype}
   return one, info
 
 

@@ -32,7 +32,7 @@ import ml_collections
 
 from faceens import heads, losses
 from faceens.data import image_folder
-from faceens.models import depthwise, ensemble, mobilefacenet, pointwise
+from faceens.models import batchnorm, depthwise, ensemble, mobilefacenet, pointwise
 
 VARIANTS = ("full", "demo", "lfw", "test")
 DATA_KINDS = ("orl", "image_folder", "ms1mv2", "tfds", "lfw")
@@ -107,6 +107,7 @@ def base_config(loss: str, variant: str | None = None) -> ml_collections.ConfigD
   c.model.dropout = 0.4
   c.model.depthwise_impl = "auto"   # shifted adds on CPU, native grouped conv on GPU/TPU
   c.model.pointwise_impl = "auto"   # 1x1 convs: a copy-free kernel gradient on CPU, dot elsewhere
+  c.model.batchnorm_impl = "auto"   # conv blocks' BN + PReLU: a fused gradient on CPU, Flax's elsewhere
   c.model.dtype = "float32"         # "bfloat16": bf16 compute, fp32 parameters and loss
 
   c.ensemble = ml_collections.ConfigDict()
@@ -254,6 +255,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail("model.depthwise_impl", c.model.depthwise_impl, ", ".join(depthwise.IMPLS))
   if c.model.pointwise_impl not in pointwise.IMPLS:
     _fail("model.pointwise_impl", c.model.pointwise_impl, ", ".join(pointwise.IMPLS))
+  if c.model.batchnorm_impl not in batchnorm.IMPLS:
+    _fail("model.batchnorm_impl", c.model.batchnorm_impl, ", ".join(batchnorm.IMPLS))
   if c.model.dtype not in ("float32", "bfloat16"):
     _fail("model.dtype", c.model.dtype, "float32, bfloat16")
   if not c.model.width > 0:

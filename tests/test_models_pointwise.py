@@ -52,6 +52,10 @@ def test_patch_conv_matches_numpy_forward_and_gradients(ksize, stride, size):
 
 def test_network_gradients_agree_between_impls():
   c = configs.experiment("arcface_srv_fdp", "test")
+  # Flax's BatchNorm on both sides: the tolerance below was set with it, and this loss (sum of
+  # squared BN outputs) leaves gradients made mostly of float32 rounding that each BN form
+  # rounds differently (tests/test_models_batchnorm.py checks the fused one against float64).
+  c.model.batchnorm_impl = "flax"
   x = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, size=(4, 32, 32, 3)), jnp.float32)
   grads = {}
   for impl in ("dot", "dot_vjp"):

@@ -15,7 +15,7 @@ def get_model(config) -> MobileFaceNet:
   return MobileFaceNet(
       embedding_dim=m.embedding_dim, width=m.width, blocks=tuple(m.blocks), head=m.head,
       dropout=m.dropout, depthwise_impl=m.depthwise_impl,
-      pointwise_impl=m.pointwise_impl,
+      pointwise_impl=m.pointwise_impl, batchnorm_impl=m.batchnorm_impl,
       dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32)
 
 

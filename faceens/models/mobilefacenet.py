@@ -25,9 +25,10 @@ Embedding heads:
   * ``bn_dropout_fc_bn``: the paper's (Amada et al., "Implementation Details"): BN - Dropout(0.4) -
     FC d - BN on the flattened last feature map.
 
-BatchNorm uses PyTorch's defaults (momentum 0.1 -> Flax 0.9, eps 1e-5). Inputs are NHWC floats,
-normalised as ``(x / 255 - 0.5) / 0.5``. Any input size divisible by 16 works (112 default;
-32-64 for tests and the CPU demo).
+BatchNorm uses PyTorch's defaults (momentum 0.1 -> Flax 0.9, eps 1e-5); in the conv blocks it is
+``faceens.models.batchnorm`` (Flax's BatchNorm, or on CPU the same function with a hand-written
+gradient). Inputs are NHWC floats, normalised as ``(x / 255 - 0.5) / 0.5``. Any input size divisible
+by 16 works (112 default; 32-64 for tests and the CPU demo).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from faceens.models.batchnorm import PReLU, batch_norm_act
+from faceens.models.batchnorm import resolve_impl as resolve_batchnorm_impl
 from faceens.models.depthwise import depthwise_conv, resolve_impl
 from faceens.models.pointwise import patch_conv, pointwise_conv
 from faceens.models.pointwise import resolve_impl as resolve_pointwise_impl
@@ -44,20 +47,6 @@ from faceens.models.pointwise import resolve_impl as resolve_pointwise_impl
 HEADS = ("gdc", "bn_dropout_fc_bn")
 
 _BN = dict(momentum=0.9, epsilon=1e-5)
-
-
-class PReLU(nn.Module):
-  """Per-channel PReLU (PyTorch ``nn.PReLU(C)``), slopes initialised at 0.25.
-
-  Flax's ``nn.PReLU`` has a single scalar slope, which is not InsightFace's.
-  """
-
-  init_slope: float = 0.25
-
-  @nn.compact
-  def __call__(self, x):
-    slope = self.param("slope", nn.initializers.constant(self.init_slope), (x.shape[-1],))
-    return jnp.where(x >= 0, x, slope.astype(x.dtype) * x)
 
 
 class DepthwiseConv(nn.Module):
@@ -126,6 +115,7 @@ class ConvBN(nn.Module):
   act: bool = True
   impl: str = "auto"
   pw_impl: str = "auto"
+  bn_impl: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -139,10 +129,7 @@ class ConvBN(nn.Module):
     else:
       x = DenseConv(self.features, self.kernel_size, self.stride, self.pw_impl, dtype=self.dtype,
                     name="Conv_0")(x)
-    x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype, **_BN)(x)
-    if self.act:
-      x = PReLU()(x)
-    return x
+    return batch_norm_act(x, train, self.act, self.bn_impl, self.dtype, **_BN)
 
 
 class DepthWiseBlock(nn.Module):
@@ -154,12 +141,13 @@ class DepthWiseBlock(nn.Module):
   residual: bool = False
   impl: str = "auto"
   pw_impl: str = "auto"
+  bn_impl: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
     shortcut = x
-    kw = dict(impl=self.impl, pw_impl=self.pw_impl, dtype=self.dtype)
+    kw = dict(impl=self.impl, pw_impl=self.pw_impl, bn_impl=self.bn_impl, dtype=self.dtype)
     y = ConvBN(self.hidden, 1, **kw)(x, train)
     y = ConvBN(self.hidden, 3, self.stride, depthwise=True, **kw)(y, train)
     y = ConvBN(self.out_features, 1, act=False, **kw)(y, train)
@@ -177,6 +165,7 @@ class MobileFaceNet(nn.Module):
   conv_out: int = 512
   depthwise_impl: str = "auto"
   pointwise_impl: str = "auto"
+  batchnorm_impl: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -191,7 +180,8 @@ class MobileFaceNet(nn.Module):
       raise ValueError(f"blocks must be 4 positive integers, got {tuple(self.blocks)}")
     impl = resolve_impl(self.depthwise_impl)
     c = lambda n: max(8, int(round(n * self.width)))  # noqa: E731
-    kw = dict(impl=impl, pw_impl=resolve_pointwise_impl(self.pointwise_impl), dtype=self.dtype)
+    kw = dict(impl=impl, pw_impl=resolve_pointwise_impl(self.pointwise_impl),
+              bn_impl=resolve_batchnorm_impl(self.batchnorm_impl), dtype=self.dtype)
     x = x.astype(self.dtype)
     x = ConvBN(c(64), 3, 2, **kw)(x, train)
     if self.blocks[0] == 1:
