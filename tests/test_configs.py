@@ -6,6 +6,7 @@ import os
 import pytest
 
 from faceens import configs
+from faceens.models import batchnorm, depthwise, pointwise
 from tests.builders import EXPERIMENTS, load_experiment, REPO
 
 
@@ -79,4 +80,18 @@ def test_paper_recipe_clips_nothing():
   c = configs.experiment("arcface_srv_fdp", "test")
   c.optim.clip_norm = -1.0
   with pytest.raises(ValueError, match="optim.clip_norm = -1.0 is invalid"):
+    configs.validate(c)
+
+
+@pytest.mark.parametrize("module,field,what,bad", [
+    (depthwise, "depthwise_impl", "depthwise", "cudnn"),
+    (pointwise, "pointwise_impl", "pointwise", "gemm"),
+    (batchnorm, "batchnorm_impl", "batchnorm", "torch")])
+def test_unknown_kernel_impl(module, field, what, bad):
+  """The per-backend kernel choices: a clear error from the module and from the config."""
+  with pytest.raises(ValueError, match=f"unknown {what} implementation '{bad}'; valid: auto"):
+    module.resolve_impl(bad)
+  c = configs.experiment("arcface_srv_fdp", "test")
+  c.model[field] = bad
+  with pytest.raises(ValueError, match=f"model.{field} = '{bad}' is invalid"):
     configs.validate(c)

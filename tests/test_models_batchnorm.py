@@ -160,12 +160,3 @@ def test_network_gradients_and_updates_agree_between_impls():
     flax_err = float(np.abs(b - r).max()) / scale
     fused_err = float(np.abs(f - r).max()) / scale
     assert fused_err <= 3 * flax_err + 1e-5, (r.shape, fused_err, flax_err)
-
-
-def test_unknown_batchnorm_impl():
-  with pytest.raises(ValueError, match="unknown batchnorm implementation 'torch'; valid: auto"):
-    batchnorm.resolve_impl("torch")
-  c = configs.experiment("arcface_srv_fdp", "test")
-  c.model.batchnorm_impl = "torch"
-  with pytest.raises(ValueError, match="model.batchnorm_impl = 'torch' is invalid"):
-    configs.validate(c)

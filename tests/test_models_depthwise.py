@@ -68,8 +68,3 @@ def test_shifted_kernel_gradient_chunking_is_exact(stride):
                                        chunk=c), jnp.float32(k))
     np.testing.assert_allclose(vjp(jnp.float32(g))[0], dk_ref, rtol=1e-5, atol=1e-4,
                                err_msg=f"chunk={c}")
-
-
-def test_unknown_depthwise_impl():
-  with pytest.raises(ValueError, match="unknown depthwise implementation 'cudnn'; valid: auto"):
-    depthwise.resolve_impl("cudnn")

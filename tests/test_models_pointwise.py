@@ -71,12 +71,3 @@ def test_network_gradients_agree_between_impls():
     grads[impl] = jax.jit(jax.grad(loss))(v1["params"])
   for a, b in zip(jax.tree.leaves(grads["dot"]), jax.tree.leaves(grads["dot_vjp"])):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
-
-
-def test_unknown_pointwise_impl():
-  with pytest.raises(ValueError, match="unknown pointwise implementation 'gemm'; valid: auto"):
-    pointwise.resolve_impl("gemm")
-  c = configs.experiment("arcface_srv_fdp", "test")
-  c.model.pointwise_impl = "gemm"
-  with pytest.raises(ValueError, match="model.pointwise_impl = 'gemm' is invalid"):
-    configs.validate(c)

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from faceens.models.batchnorm import PReLU, batch_norm_act
+from faceens.models.batchnorm import PReLU, batch_norm_act  # noqa: F401 (PReLU re-exported)
 from faceens.models.batchnorm import resolve_impl as resolve_batchnorm_impl
 from faceens.models.depthwise import depthwise_conv, resolve_impl
 from faceens.models.pointwise import patch_conv, pointwise_conv
