@@ -35,8 +35,9 @@ BATCH, SIZE, CLASSES = 64, 112, 1000
 
 
 def jax_step(members: int, depthwise_impl: str = "auto", strategy: str = "auto", *,
-             batchnorm_impl: str = "auto", dtype: str = "float32", batch: int = BATCH, size: int = SIZE, classes: int = CLASSES,
-             width: float = 1.0, blocks=(1, 4, 6, 2), embedding_dim: int = 512):
+             batchnorm_impl: str = "auto", dtype: str = "float32", batch: int = BATCH,
+             size: int = SIZE, classes: int = CLASSES, width: float = 1.0, blocks=(1, 4, 6, 2),
+             embedding_dim: int = 512):
   """faceens' jitted train step (the ``baseline`` method for K > 1), compiled and run once.
 
   Returns ``(one, info)``: ``one()`` runs one more step and returns its loss (synchronised).

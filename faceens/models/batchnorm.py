@@ -22,9 +22,9 @@ train step (``bench/train_step.py``: batch 64, 112 px, 2 cores, both forms in on
 from 1.94 to 1.53 s with it, and from 1.76 to 1.62 s with ``dscale`` computed from ``sum dz x``
 (see ``_bn_bwd``). Same values as Flax to float32 rounding, same variables
 (``BatchNorm_0/{scale, bias}``, ``batch_stats`` ``mean`` / ``var``, ``PReLU_0/slope``) and the same
-running-average update. ``auto`` picks ``fused`` on CPU
-and Flax's BatchNorm elsewhere. In evaluation mode ``fused`` is the plain expression ``a * x + b``
-(then PReLU) under autodiff, as attacks need.
+running-average update. ``auto`` picks ``fused`` on CPU and Flax's BatchNorm elsewhere. In
+evaluation mode ``fused`` is the plain expression ``a * x + b`` (then PReLU) under autodiff, as
+attacks need.
 """
 
 from __future__ import annotations
@@ -134,9 +134,9 @@ class _Slope(nn.Module):
 
 
 class FusedBatchNorm(nn.Module):
-  """``flax.linen.BatchNorm`` over the last axis (Flax's variables, initialisers and running-average
-  update), optionally followed by the PReLU whose ``slope`` is passed in, with ``batch_norm_train``'s
-  gradient in training mode."""
+  """``flax.linen.BatchNorm`` over the last axis (Flax's variables, initialisers and
+  running-average update), optionally followed by the PReLU whose ``slope`` is passed in, with
+  ``batch_norm_train``'s gradient in training mode."""
 
   momentum: float = 0.9
   epsilon: float = 1e-5
