@@ -4,9 +4,12 @@
 
 Stages (``--stages``, default all, in this order):
 
-  * ``train``: every ArcFace method of the paper (``experiments/arcface_<method>.py:lfw``) in
-    ``--runs/<loss>_<method>``: a finished run is reused, an interrupted one resumes from its last
-    checkpoint; each run ends with its evaluation on the 3,000 pairs of LFW folds 6-10.
+  * ``train``: every ArcFace method of the paper (``experiments/arcface_<method>.py:lfw``) for
+    each training seed (``--seeds``, default 0,1,2), in ``--runs/<loss>_<method>_s<seed>``, and
+    AdvT at the paper's other MTER margins (``--advt_margins``, default 0.2,1.4,3.0; first seed
+    only) in ``--runs/<loss>_advt_m<margin>_s<seed>``: a finished run is reused, an interrupted
+    one resumes from its last checkpoint; each run ends with its evaluation on the 3,000 pairs of
+    LFW folds 6-10. Seeds first, in order: an interrupted suite has whole seeds.
   * ``attack``: white-box LOTS attacks on every run over the same fixed different-person pairs of
     folds 6-10, black-box transfer from the single model, an adaptive attack on the ensembles
     (``faceens.reproduce_attacks``); per-run results in ``--runs/<run>/suite_attacks``.
@@ -37,6 +40,21 @@ SUITES = ("lfw",)
 STAGES = ("train", "attack", "report")
 ARCFACE_METHODS = ("single", "baseline", "adp", "fdp", "srv", "srv_adp", "srv_fdp", "advt")
 SMOKE_METHODS = ("single", "srv_fdp")
+DEFAULT_SEEDS = (0, 1, 2)
+# MTER margins of the paper's Fig. 3 besides the experiment's own 0.6.
+DEFAULT_ADVT_MARGINS = (0.2, 1.4, 3.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """One training run of a suite: a method, its training seed and (AdvT) a non-default margin."""
+  method: str
+  seed: int = 0
+  advt_margin: float | None = None  # None: the experiment's own
+
+  def name(self, loss: str) -> str:
+    margin = "" if self.advt_margin is None else f"_m{self.advt_margin:g}"
+    return f"{loss}_{self.method}{margin}_s{self.seed}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,18 +67,37 @@ class Suite:
   methods: tuple[str, ...]
   loss: str = "arcface"
   smoke: bool = False
+  seeds: tuple[int, ...] = (0,)
+  advt_margins: tuple[float, ...] = ()
 
-  def run_name(self, method: str) -> str:
-    return f"{self.loss}_{method}"
+  def runs(self) -> list[RunSpec]:
+    """Every training run, seed by seed, then AdvT's other margins at the first seed."""
+    out = [RunSpec(m, s) for s in self.seeds for m in self.methods]
+    if "advt" in self.methods:
+      out += [RunSpec("advt", self.seeds[0], m) for m in self.advt_margins]
+    return out
 
-  def workdir(self, method: str) -> str:
-    return os.path.join(self.runs_dir, self.run_name(method))
+  def spec(self, run) -> RunSpec:
+    """A ``RunSpec``, or a method name meaning that method at the first seed."""
+    return run if isinstance(run, RunSpec) else RunSpec(run, self.seeds[0])
+
+  def run_name(self, run) -> str:
+    return self.spec(run).name(self.loss)
+
+  def workdir(self, run) -> str:
+    return os.path.join(self.runs_dir, self.run_name(run))
 
 
-def run_config(suite: Suite, method: str) -> ml_collections.ConfigDict:
-  """The ``lfw`` variant of ``experiments/<loss>_<method>.py`` on ``suite.lfw`` (tiny if smoke)."""
+def run_config(suite: Suite, run) -> ml_collections.ConfigDict:
+  """The ``lfw`` variant of ``experiments/<loss>_<method>.py`` on ``suite.lfw`` with the run's
+  seed and margin (tiny if smoke). ``run``: a ``RunSpec`` or a method name (first seed)."""
+  spec = suite.spec(run)
+  method = spec.method
   c = configs.experiment(f"{suite.loss}_{method}", "lfw")
   c.data.root = suite.lfw
+  c.seed = spec.seed
+  if spec.advt_margin is not None:
+    c.advt.margin = float(spec.advt_margin)
   if suite.smoke:
     c.data.image_size = 32
     c.data.crop = (70, 70, 110, 110)
@@ -108,11 +145,11 @@ def cost_units(c) -> float:
   return units * c.train.steps
 
 
-def estimate_seconds(suite: Suite) -> dict[str, float]:
+def estimate_seconds(suite: Suite) -> dict[RunSpec, float]:
   """Seconds left per unfinished run, from the measured speed of the finished ones (or 1 s per
   unit and step before any has finished)."""
   done_s, done_u, todo = 0.0, 0.0, {}
-  for m in suite.methods:
+  for m in suite.runs():
     c = run_config(suite, m)
     w = suite.workdir(m)
     if is_trained(w, c):
@@ -127,29 +164,30 @@ def estimate_seconds(suite: Suite) -> dict[str, float]:
   return {m: u * rate for m, u in todo.items()}
 
 
-def train_all(suite: Suite, progress: bool = True) -> dict[str, dict]:
-  """Trains (or reuses, or resumes) every run of the suite; ``{method: summary}``."""
+def train_all(suite: Suite, progress: bool = True) -> dict[RunSpec, dict]:
+  """Trains (or reuses, or resumes) every run of the suite; ``{RunSpec: summary}``."""
   summaries = {}
-  for i, m in enumerate(suite.methods):
+  runs = suite.runs()
+  for i, m in enumerate(runs):
     c = run_config(suite, m)
     w = suite.workdir(m)
     if is_trained(w, c):
       with open(os.path.join(w, "summary.json")) as f:
         summaries[m] = json.load(f)
       if progress:
-        print(f"[{i + 1}/{len(suite.methods)}] {suite.run_name(m)}: trained, reused ({w})",
+        print(f"[{i + 1}/{len(runs)}] {suite.run_name(m)}: trained, reused ({w})",
               flush=True)
       continue
     left = estimate_seconds(suite)
     if progress:
-      print(f"[{i + 1}/{len(suite.methods)}] {suite.run_name(m)}: training in {w}; estimated "
+      print(f"[{i + 1}/{len(runs)}] {suite.run_name(m)}: training in {w}; estimated "
             f"{left[m] / 60:.0f} min for this run, {sum(left.values()) / 60:.0f} min for the "
             f"{len(left)} runs left", flush=True)
     t0 = time.perf_counter()
     summaries[m] = train.train_and_evaluate(c, w, progress=progress)
     if progress:
       acc = summaries[m].get("eval", {}).get("lfw_test", {}).get("accuracy")
-      print(f"[{i + 1}/{len(suite.methods)}] {suite.run_name(m)}: done in "
+      print(f"[{i + 1}/{len(runs)}] {suite.run_name(m)}: done in "
             f"{(time.perf_counter() - t0) / 60:.1f} min, test accuracy {acc}", flush=True)
   return summaries
 
@@ -164,8 +202,18 @@ def trained_configs(suite: Suite) -> dict:
   return out
 
 
+def _numbers(flag: str, text: str | None, kind, default: tuple) -> tuple:
+  """A comma-separated flag's values (``default`` when not given), or a one-line error."""
+  if text is None:
+    return default
+  try:
+    return tuple(kind(v) for v in text.split(",") if v.strip())
+  except ValueError:
+    raise ValueError(f"--{flag}={text!r}: expected comma-separated numbers") from None
+
+
 def make_suite(name: str, lfw: str, runs_dir: str, out: str, methods: str | None,
-               smoke: bool) -> Suite:
+               smoke: bool, seeds: str | None = None, advt_margins: str | None = None) -> Suite:
   if name not in SUITES:
     raise ValueError(f"unknown --suite={name!r}; valid: {', '.join(SUITES)}")
   if not lfw or not os.path.isfile(os.path.join(lfw, "pairs.txt")):
@@ -176,7 +224,15 @@ def make_suite(name: str, lfw: str, runs_dir: str, out: str, methods: str | None
   for m in chosen:
     if m not in ARCFACE_METHODS:
       raise ValueError(f"unknown method {m!r} in --methods; valid: {', '.join(ARCFACE_METHODS)}")
-  return Suite(name, lfw, runs_dir, out, chosen, smoke=smoke)
+  seed_list = _numbers("seeds", seeds, int, (0,) if smoke else DEFAULT_SEEDS)
+  if not seed_list or min(seed_list) < 0 or len(set(seed_list)) != len(seed_list):
+    raise ValueError(f"--seeds={seeds!r}: expected distinct integers >= 0, e.g. 0,1,2")
+  margins = _numbers("advt_margins", advt_margins, float, () if smoke else DEFAULT_ADVT_MARGINS)
+  if any(not 0 < m < 10 for m in margins):
+    raise ValueError(f"--advt_margins={advt_margins!r}: expected MTER margins in (0, 10), e.g. "
+                     "0.2,1.4,3.0")
+  return Suite(name, lfw, runs_dir, out, chosen, smoke=smoke, seeds=seed_list,
+               advt_margins=margins)
 
 
 def main(argv):
@@ -191,7 +247,8 @@ def main(argv):
       if s not in STAGES:
         raise ValueError(f"unknown stage {s!r} in --stages; valid: {', '.join(STAGES)}")
     runs_dir = FLAGS.runs or os.path.join("runs", f"{FLAGS.suite}_suite" + ("_smoke" if FLAGS.smoke else ""))
-    suite = make_suite(FLAGS.suite, FLAGS.lfw, runs_dir, FLAGS.out, FLAGS.methods, FLAGS.smoke)
+    suite = make_suite(FLAGS.suite, FLAGS.lfw, runs_dir, FLAGS.out, FLAGS.methods, FLAGS.smoke,
+                       FLAGS.seeds, FLAGS.advt_margins)
     t0 = time.perf_counter()
     if "train" in stages:
       train_all(suite)
@@ -218,6 +275,9 @@ def _define_flags():
   flags.DEFINE_string("runs", None, "run directories (checkpoints; default runs/<suite>_suite)")
   flags.DEFINE_string("methods", None, "comma-separated subset of: " + ", ".join(ARCFACE_METHODS))
   flags.DEFINE_string("stages", ",".join(STAGES), "comma-separated: " + ", ".join(STAGES))
+  flags.DEFINE_string("seeds", None, "comma-separated training seeds (default 0,1,2; smoke: 0)")
+  flags.DEFINE_string("advt_margins", None, "comma-separated MTER margins trained besides the "
+                      "experiment's 0.6, first seed only (default 0.2,1.4,3.0; smoke: none)")
   flags.DEFINE_bool("smoke", False, "two methods, tiny models, a few steps: the pipeline in minutes")
 
 

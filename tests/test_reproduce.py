@@ -45,7 +45,7 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
     tp = entry["test_pairs"]
     acc = verification.kfold_accuracy(np.array(tp["insightface"]), np.array(tp["issame"], bool),
                                       folds=np.array(tp["fold"]))[0]
-    with open(runs / f"arcface_{m}" / "eval.json") as f:
+    with open(runs / f"arcface_{m}_s0" / "eval.json") as f:
       assert np.isclose(acc, json.load(f)["datasets"]["lfw_test"]["accuracy"], atol=1e-9)
     assert len(tp["issame"]) == 10 and set(tp["fold"]) == {6, 7, 8, 9, 10}
     want = {"ifgsm", "bim", "cw"} | ({"ifgsm:members"} if m == "srv_fdp" else set())
@@ -64,7 +64,7 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
   assert os.path.isfile(out / "tau_ifgsm.png") and os.path.isfile(out / "transfer.png")
 
   # faceens.attack on an LFW run draws its pairs from the official test folds' different people.
-  x_src, x_tgt, names, source = attack.pair_images(faceens.load(str(runs / "arcface_single")),
+  x_src, x_tgt, names, source = attack.pair_images(faceens.load(str(runs / "arcface_single_s0")),
                                                    None, 3)
   assert x_src.shape == x_tgt.shape == (3, 32, 32, 3) and "folds 6, 7, 8, 9, 10" in source
   test_people = {f"P{i:02d}" for i in range(10, 20)}
