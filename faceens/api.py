@@ -38,7 +38,8 @@ from faceens.verification import flip_embedding
 class FaceModel:
   """A trained ensemble (or single model) as an embedding function."""
 
-  def __init__(self, config, variables: dict, workdir: str | None = None, step: int | None = None):
+  def __init__(self, config, variables: dict, workdir: str | None = None, step: int | None = None,
+               threshold_from: str | None = None):
     self.config = config
     self.variables = variables
     self.workdir = workdir
@@ -48,7 +49,10 @@ class FaceModel:
     self.num_members = ensemble.num_members(variables)
     self.embedding_dim = int(config.model.embedding_dim)
     self._jit_apply = None
-    self.threshold, self.paper_threshold, self.threshold_source = _thresholds(workdir)
+    # threshold: InsightFace's (squared L2 with flip), verify's; paper_threshold: Euclidean on
+    # E(x) without flip, the attacks' goal; threshold_source: the evaluated set they come from.
+    self.threshold, self.paper_threshold, self.threshold_source = _thresholds(
+        workdir, threshold_from, step)
 
   def __repr__(self):
     return (f"FaceModel({self.config.loss.name}_{self.config.method}, K={self.num_members}, "
@@ -147,19 +151,37 @@ class FaceModel:
     return emb
 
 
-def _thresholds(workdir):
-  """(squared-L2 flip threshold, Euclidean no-flip threshold, source) from eval.json/summary."""
+def _thresholds(workdir, threshold_from: str | None = None, step: int | None = None):
+  """``(squared-L2 flip threshold, Euclidean no-flip threshold, source)`` of one evaluated set of
+  ``workdir/eval.json``: ``threshold_from``, else the set recorded there as the default
+  (``threshold_from``: the run's own validation set unless the user chose another), else for
+  files written before that was recorded the first set; else the held-out threshold of
+  ``summary.json``. ``source`` says which, and at which checkpoint step it was evaluated."""
   if not workdir:
+    if threshold_from:
+      raise ValueError("threshold_from needs a run directory with an eval.json")
     return None, None, None
   path = os.path.join(workdir, "eval.json")
+  ev = {}
   if os.path.isfile(path):
     with open(path) as f:
       ev = json.load(f)
-    sets = ev.get("datasets") or {}
-    if sets:
-      name = next(iter(sets))
-      d = sets[name]
-      return d.get("threshold"), (d.get("paper") or {}).get("threshold"), f"eval.json:{name}"
+  sets = ev.get("datasets") or {}
+  if threshold_from is not None and threshold_from not in sets:
+    have = ", ".join(sets) or "none"
+    raise ValueError(f"threshold_from={threshold_from!r}: {path} has no such evaluated set "
+                     f"(evaluated: {have}); run python -m faceens.evaluate on it first")
+  name = threshold_from or (ev.get("threshold_from") if ev.get("threshold_from") in sets
+                            else next(iter(sets), None))
+  if name is not None:
+    d = sets[name]
+    why = ("chosen" if threshold_from else "the recorded default" if ev.get("threshold_from")
+           else "first set of an eval.json without a recorded default")
+    at = d.get("step", ev.get("step"))
+    source = f"eval.json:{name} ({why}, evaluated at step {at})"
+    if step is not None and at is not None and at != step:
+      source += f"; WARNING: the loaded checkpoint is step {step}"
+    return d.get("threshold"), (d.get("paper") or {}).get("threshold"), source
   path = os.path.join(workdir, "summary.json")
   if os.path.isfile(path):
     with open(path) as f:
@@ -198,8 +220,12 @@ def _restore(checkpoint_dir: str, step: int | None):
   return step, raw
 
 
-def load(workdir: str, step: int | None = None) -> FaceModel:
-  """Loads the latest (or ``step``) checkpoint of a ``faceens.train`` run directory."""
+def load(workdir: str, step: int | None = None, threshold_from: str | None = None) -> FaceModel:
+  """Loads the latest (or ``step``) checkpoint of a ``faceens.train`` run directory.
+
+  Its thresholds (``threshold``, ``paper_threshold``) come from one evaluated set of
+  ``eval.json``: ``threshold_from`` if given, else the run's recorded default (its own validation
+  set); ``threshold_source`` names it."""
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"run directory {workdir!r} does not exist")
   c = configs.load_run_config(workdir)
@@ -209,4 +235,4 @@ def load(workdir: str, step: int | None = None) -> FaceModel:
   step, raw = _restore(ckpt, step)
   variables = {"params": raw["params"]["backbone"], "batch_stats": raw["batch_stats"]}
   variables = jax.tree.map(jnp.asarray, variables)
-  return FaceModel(c, variables, workdir=workdir, step=int(step))
+  return FaceModel(c, variables, workdir=workdir, step=int(step), threshold_from=threshold_from)

@@ -13,8 +13,10 @@ distances ``--distances`` (0.2 .. 1.2), each continuing from the previous larger
 run in ``--workdir`` (comma-separated) is asked whether it verifies them as the target person
 at its own threshold: ``transfer_<method>.json`` in each of those runs.
 
-Goal: ``--goal=threshold`` (the run's Euclidean verification threshold from its last evaluation,
-the paper's protocol) or a fixed feature distance such as ``--goal=0.2``.
+Goal: ``--goal=threshold`` (the run's Euclidean verification threshold, the paper's protocol, from
+the evaluated set recorded as its default in ``eval.json``, its own validation set, or from
+``--threshold_from=SET``; printed at the start and stored as ``goal_source``) or a fixed feature
+distance such as ``--goal=0.2``.
 """
 
 from __future__ import annotations
@@ -349,7 +351,9 @@ def white_box(model, methods, n_pairs: int, goal: str, out_dir: str, *, images_d
     res = attack_pairs(model, x_src, x_tgt, g, cfg, batch_size=batch_size, seed=seed,
                        progress=progress, desc=name)
     summ = summarize(res, cfg, name)
-    summ.update({"workdir": model.workdir, "goal": goal, "pairs_from": source, "seed": seed})
+    summ.update({"workdir": model.workdir, "goal": goal, "goal_value": g,
+                 "goal_source": model.threshold_source if goal == "threshold" else "--goal",
+                 "pairs_from": source, "seed": seed})
     summaries[name] = summ
     if not is_main:
       continue
@@ -406,6 +410,7 @@ def black_box(source_model, target_models, methods, n_pairs: int, distances, *, 
             "transfer_rate": float(fooled[ok].mean()) if ok.any() else None,
             "transfer_rate_all": float(fooled.mean()),
             "target_threshold": float(t.paper_threshold),
+            "target_threshold_source": t.threshold_source,
             "l2_mean": float(res["l2"][ok].mean()) if ok.any() else None,
             "linf_mean": float(res["linf"][ok].mean()) if ok.any() else None,
             "iterations_median": float(np.median(iters_total)),
@@ -450,7 +455,11 @@ def main(argv):
       if not distances or min(distances) <= 0:
         raise ValueError(f"--distances must be positive floats, got {FLAGS.distances!r}")
       src = api.load(FLAGS.source_workdir)
-      targets = [api.load(w) for w in workdirs]
+      targets = [api.load(w, threshold_from=FLAGS.threshold_from) for w in workdirs]
+      if sharding.is_main_process():
+        for t in targets:
+          print(f"{t.workdir}: threshold {t.paper_threshold:.4f} (Euclidean, no flip) from "
+                f"{t.threshold_source}")
       out_dirs = [FLAGS.out] * len(targets) if FLAGS.out and len(targets) == 1 else None
       res = black_box(src, targets, methods, FLAGS.pairs, distances, out_dirs=out_dirs, **kw)
       for (target, name), doc in res.items() if sharding.is_main_process() else ():
@@ -463,7 +472,11 @@ def main(argv):
       return
     if len(workdirs) != 1:
       raise ValueError("white-box attacks take one --workdir (several only with --source-workdir)")
-    model = api.load(workdirs[0])
+    model = api.load(workdirs[0], threshold_from=FLAGS.threshold_from)
+    if sharding.is_main_process():
+      print(f"goal: {_goal_value(model, FLAGS.goal):.4f} (" + (
+          f"the threshold, Euclidean, no flip, from {model.threshold_source})"
+          if FLAGS.goal == "threshold" else "a fixed feature distance)"), flush=True)
     out = FLAGS.out or os.path.join(workdirs[0], "attacks")
     overall = white_box(model, methods, FLAGS.pairs, FLAGS.goal, out, **kw)
   except (ValueError, FileNotFoundError, DataError) as e:
@@ -480,6 +493,9 @@ def _define_flags():
                       "; append ':members' to attack every member feature at once")
   flags.DEFINE_integer("pairs", 100, "number of source/target pairs (different people)")
   flags.DEFINE_string("goal", "threshold", "'threshold' (the run's) or a feature distance")
+  flags.DEFINE_string("threshold_from", None, "evaluated set of eval.json whose threshold is the "
+                      "goal (and each transfer target's verdict); default: the run's recorded "
+                      "one, its own validation set")
   flags.DEFINE_string("source_workdir", None, "black-box: craft on this run, test on --workdir")
   flags.DEFINE_string("distances", "0.2,0.4,0.6,0.8,1.0,1.2", "black-box feature distances")
   flags.DEFINE_string("images", None, "image folder to draw pairs from (default: held-out people)")

@@ -14,7 +14,10 @@ the official person-disjoint folds; ``--lfw_folds=6,7,8,9,10`` keeps some), or b
 run's own (``run_sets``): the bundled held-out identities for the demo, a held-out image folder,
 LFW's test folds for ``data.kind=lfw``, or ``lfw``, ``cfp_fp`` and ``agedb_30`` next to the
 MS1MV2 training data.
-Results go to ``DIR/eval.json``.
+Results are merged into ``DIR/eval.json``: a set evaluated again is replaced, every other set is
+kept. The thresholds that ``verify``, ``attack`` and ``faceens.load`` use come from one set,
+recorded there as ``threshold_from``: the run's own validation set unless
+``--threshold_from=SET`` chooses another (``faceens.api`` explains the choice per call).
 """
 
 from __future__ import annotations
@@ -223,8 +226,9 @@ def format_table(results: dict) -> str:
 
 def run(workdir: str, bins=(), pairs=(), *, lfw: str | None = None, lfw_folds=None,
         batch_size: int = 64, step: int | None = None, progress: bool = True,
-        write: bool = True) -> dict:
-  """Evaluates a run directory; returns (and writes to ``workdir/eval.json``) the results."""
+        write: bool = True, threshold_from: str | None = None) -> dict:
+  """Evaluates a run directory; returns (and merges into ``workdir/eval.json``) the results of
+  every set evaluated so far (``write_eval_json``)."""
   model = api.load(workdir, step=step)
   c = model.config
   size, fit = model.input_size, image_folder.fit_spec(c)
@@ -237,16 +241,57 @@ def run(workdir: str, bins=(), pairs=(), *, lfw: str | None = None, lfw_folds=No
   if len(set(names)) != len(names):
     raise DataError(f"evaluation sets need distinct file names, got {names}")
   results = evaluate_model(model, sets, batch_size=batch_size, progress=progress)
-  return write_eval_json(workdir, c, model.step, model.num_members, results, write=write)
+  return write_eval_json(workdir, c, model.step, model.num_members, results, write=write,
+                         threshold_from=threshold_from)
 
 
-def write_eval_json(workdir, c, step, num_members, results, write: bool = True) -> dict:
+def own_set_names(c) -> list[str]:
+  """The names ``run_sets(c)`` gives, without loading any image: the run's own validation sets."""
+  if c.data.kind == "orl" or (c.data.kind == "image_folder" and c.data.heldout_root):
+    return ["heldout"]
+  if c.data.kind == "lfw":
+    return ["lfw_test"]
+  if c.data.kind == "ms1mv2" and c.data.root:
+    return [n for n in STANDARD_BINS if os.path.isfile(os.path.join(c.data.root, f"{n}.bin"))]
+  return []
+
+
+def default_threshold_set(c, names, recorded: str | None = None) -> str | None:
+  """Which evaluated set's threshold ``verify``, ``attack`` and ``faceens.load`` use by default:
+  the one recorded before (never replaced by a later evaluation), else the run's own validation
+  set, else the first set evaluated."""
+  if recorded in names:
+    return recorded
+  own = [n for n in own_set_names(c) if n in names]
+  return own[0] if own else next(iter(names), None)
+
+
+def write_eval_json(workdir, c, step, num_members, results, write: bool = True,
+                    threshold_from: str | None = None) -> dict:
+  """Merges ``results`` into ``workdir/eval.json``: a set evaluated again is replaced, every other
+  set is kept, each with the checkpoint step it was evaluated at. ``threshold_from`` (a set name)
+  changes the recorded default threshold source; otherwise it stays what it was."""
+  path = os.path.join(workdir, "eval.json")
+  old = {}
+  if os.path.isfile(path):
+    try:
+      with open(path) as f:
+        old = json.load(f)
+    except ValueError as e:
+      raise DataError(f"{path} is not valid JSON ({e}); move it away to start a new one") from None
+  datasets = dict(old.get("datasets") or {})
+  datasets.update({name: r | {"step": step} for name, r in results.items()})
+  if threshold_from is not None and threshold_from not in datasets:
+    raise DataError(f"threshold_from={threshold_from!r} is not an evaluated set; evaluated: "
+                    f"{', '.join(datasets)}")
   out = {"step": step, "method": c.method, "loss": c.loss.name, "num_members": num_members,
          "protocol": "InsightFace: normalise(E(x) + E(flip x)), squared L2, thresholds 0..4 "
                      "step 0.01, 10 contiguous folds; paper: Euclidean on E(x), no flip",
-         "datasets": results}
+         "threshold_from": threshold_from or default_threshold_set(c, datasets,
+                                                                   old.get("threshold_from")),
+         "datasets": datasets}
   if write:
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
+    with open(path, "w") as f:
       json.dump(out, f, indent=2)
   return out
 
@@ -263,12 +308,17 @@ def main(argv):
     if folds and any(not 0 <= f < 10 for f in folds):
       raise ValueError(f"--lfw_folds={FLAGS.lfw_folds}: LFW's folds are numbered 1 to 10")
     out = run(FLAGS.workdir, split(FLAGS.bins), split(FLAGS.pairs), lfw=FLAGS.lfw or None,
-              lfw_folds=folds, batch_size=FLAGS.batch_size, step=FLAGS.step)
+              lfw_folds=folds, batch_size=FLAGS.batch_size, step=FLAGS.step,
+              threshold_from=FLAGS.threshold_from or None)
   except (ValueError, FileNotFoundError, DataError) as e:
     raise SystemExit(f"error: {e}") from None
   print(f"{out['loss']}_{out['method']} (K={out['num_members']}, step {out['step']})")
   print(format_table(out["datasets"]))
-  print(f"wrote {os.path.join(FLAGS.workdir, 'eval.json')}")
+  src = out["threshold_from"]
+  print(f"verify and attack use the thresholds of '{src}' (step {out['datasets'][src]['step']}) "
+        "by default; --threshold_from=SET on evaluate changes that, on verify / attack it "
+        "chooses per call")
+  print(f"wrote {os.path.join(FLAGS.workdir, 'eval.json')} (sets: {', '.join(out['datasets'])})")
 
 
 def _define_flags():
@@ -282,6 +332,9 @@ def _define_flags():
                       "6,7,8,9,10: people never seen by a model trained on folds 1-5)")
   flags.DEFINE_integer("batch_size", 64, "images per jitted batch")
   flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+  flags.DEFINE_string("threshold_from", "", "record this evaluated set as the default threshold "
+                      "source of verify / attack (default: kept as recorded; first time: the "
+                      "run's own validation set)")
   flags.mark_flags_as_required(["workdir"])
 
 

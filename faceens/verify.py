@@ -1,7 +1,9 @@
 """Same person or not: ``python -m faceens.verify --workdir=DIR a.jpg b.jpg``.
 
 Uses InsightFace's protocol (flip test-time augmentation, squared L2 distance) and the threshold
-of the run's last ``faceens.evaluate`` (``DIR/eval.json``), or ``--threshold``.
+of one evaluated set of ``DIR/eval.json``: the run's recorded default (its own validation set),
+``--threshold_from=SET`` for another set, or ``--threshold_from=NUMBER`` (``--threshold``) for
+a number. The output says which.
 """
 
 from __future__ import annotations
@@ -24,15 +26,15 @@ def verify(model, image_a: str, image_b: str, threshold: float | None = None,
                      for p in (image_a, image_b)])
   emb = model.embed(images, member=member, flip=True)
   dist = float(verification.distances(emb[:1], emb[1:], "squared_l2")[0])
+  source = "given"
   if threshold is None:
-    threshold = model.threshold
+    threshold, source = model.threshold, model.threshold_source
   if threshold is None:
     raise ValueError(f"no threshold: run python -m faceens.evaluate --workdir={model.workdir} "
-                     "first, or pass --threshold")
+                     "first, or pass --threshold_from=NUMBER")
   return {"image_a": image_a, "image_b": image_b, "distance": dist, "threshold": float(threshold),
           "same": bool(dist < threshold), "metric": "squared_l2 (flip TTA)",
-          "member": member, "threshold_source": model.threshold_source if threshold == model.threshold
-          else "--threshold"}
+          "member": member, "threshold_source": source}
 
 
 def main(argv):
@@ -45,8 +47,17 @@ def main(argv):
     raise SystemExit(f"error: expected two image paths, got {len(paths)}: "
                      "python -m faceens.verify --workdir=DIR a.jpg b.jpg")
   try:
-    model = api.load(FLAGS.workdir)
-    r = verify(model, *paths, threshold=FLAGS.threshold, member=FLAGS.member)
+    threshold, source, threshold_from = FLAGS.threshold, "--threshold", FLAGS.threshold_from
+    if threshold_from is not None and threshold is not None:
+      raise ValueError("give --threshold or --threshold_from, not both")
+    try:
+      threshold, source, threshold_from = float(threshold_from), "--threshold_from", None
+    except (TypeError, ValueError):
+      pass  # a set name of eval.json, or None
+    model = api.load(FLAGS.workdir, threshold_from=threshold_from)
+    r = verify(model, *paths, threshold=threshold, member=FLAGS.member)
+    if threshold is not None:
+      r["threshold_source"] = source
   except (ValueError, FileNotFoundError, DataError) as e:
     raise SystemExit(f"error: {e}") from None
   if FLAGS.json:
@@ -60,7 +71,10 @@ def main(argv):
 def _define_flags():
   from absl import flags
   flags.DEFINE_string("workdir", None, "run directory written by faceens.train")
-  flags.DEFINE_float("threshold", None, "squared-L2 threshold (default: from eval.json)")
+  flags.DEFINE_string("threshold_from", None, "an evaluated set of eval.json whose threshold to "
+                      "use, or a squared-L2 threshold (default: the run's recorded set, its own "
+                      "validation set)")
+  flags.DEFINE_float("threshold", None, "squared-L2 threshold (same as --threshold_from=NUMBER)")
   flags.DEFINE_integer("member", None, "use member k alone (default: the ensemble)")
   flags.DEFINE_bool("json", False, "print the result as JSON")
   flags.mark_flags_as_required(["workdir"])

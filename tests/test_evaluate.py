@@ -57,25 +57,52 @@ def test_evaluate_cli_with_bin_and_pairs(run_dir, tmp_path):
   rel = os.path.relpath(ORL, tmp_path)
   pairs = _write_pairs(tmp_path, [f"{rel}/s3{i}/1.pgm {rel}/s3{i}/{2 + i % 3}.pgm 1" for i in range(5)]
                        + [f"{rel}/s3{i}/1.pgm {rel}/s3{i + 1}/1.pgm 0" for i in range(5)])
+  with open(os.path.join(run_dir, "eval.json")) as f:
+    before = json.load(f)
+  assert before["threshold_from"] == "heldout"  # the run's own validation set, from training
+  default = faceens.load(run_dir)
+  assert default.threshold == before["datasets"]["heldout"]["threshold"]
+  assert default.paper_threshold == before["datasets"]["heldout"]["paper"]["threshold"]
   r = subprocess.run([sys.executable, "-m", "faceens.evaluate", f"--workdir={run_dir}",
                       f"--bins={bin_path}", f"--pairs={pairs}"],
                      cwd=REPO, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr
   assert "orl_pairs" in r.stdout and "member 2" in r.stdout and "paper acc" in r.stdout
+  assert "thresholds of 'heldout'" in r.stdout
   with open(os.path.join(run_dir, "eval.json")) as f:
     ev = json.load(f)
-  assert list(ev["datasets"]) == ["orl_pairs", "pairs"]
-  for d in ev["datasets"].values():
-    assert d["pairs"] == 10 and len(d["members"]) == 3
+  # Merged: the training's held-out set is kept, untouched, beside the two new sets.
+  assert list(ev["datasets"]) == ["heldout", "orl_pairs", "pairs"]
+  assert ev["datasets"]["heldout"] == before["datasets"]["heldout"]
+  assert ev["threshold_from"] == "heldout"
+  for name in ("orl_pairs", "pairs"):
+    d = ev["datasets"][name]
+    assert d["pairs"] == 10 and len(d["members"]) == 3 and d["step"] == 3
     assert set(d["tar_at_far"]) == {"0.001", "0.0001"}
-  assert faceens.load(run_dir).threshold == ev["datasets"]["orl_pairs"]["threshold"]
+  # The default threshold did not move; another set's is there on request, and says so.
+  model = faceens.load(run_dir)
+  assert (model.threshold, model.paper_threshold) == (default.threshold, default.paper_threshold)
+  assert model.threshold_source.startswith("eval.json:heldout (the recorded default")
+  chosen = faceens.load(run_dir, threshold_from="orl_pairs")
+  assert chosen.threshold == ev["datasets"]["orl_pairs"]["threshold"]
+  assert chosen.threshold_source.startswith("eval.json:orl_pairs (chosen")
+  with pytest.raises(ValueError, match="no such evaluated set .*evaluated: heldout, orl_pairs"):
+    faceens.load(run_dir, threshold_from="lfw")
   same = os.path.join(ORL, "s31", "1.pgm"), os.path.join(ORL, "s31", "2.pgm")
-  r = subprocess.run([sys.executable, "-m", "faceens.verify", f"--workdir={run_dir}", "--json",
-                      *same], cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert r.returncode == 0, r.stderr
-  out = json.loads(r.stdout)
-  assert out["threshold"] == ev["datasets"]["orl_pairs"]["threshold"]
-  assert out["same"] == (out["distance"] < out["threshold"])
+  verify = lambda *flags: subprocess.run(  # noqa: E731
+      [sys.executable, "-m", "faceens.verify", f"--workdir={run_dir}", "--json", *flags, *same],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  for flags, thr, source in (((), default.threshold, "eval.json:heldout"),
+                             (("--threshold_from=orl_pairs",), chosen.threshold,
+                              "eval.json:orl_pairs"),
+                             (("--threshold_from=0.5",), 0.5, "--threshold_from")):
+    r = verify(*flags)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["threshold"] == thr and out["threshold_source"].startswith(source)
+    assert out["same"] == (out["distance"] < out["threshold"])
+  r = verify("--threshold_from=nope")
+  assert r.returncode != 0 and "no such evaluated set" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_evaluate_bad_inputs(run_dir, tmp_path):
