@@ -25,10 +25,17 @@ def test_dot_vjp_matches_dot_and_numpy_forward_and_gradients():
     dx, dw = jax.jit(jax.grad(f, argnums=(0, 1)))(xs, ws)
     np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-4)
-  # bf16 compute keeps the parameter gradient's dtype
-  _, dw16 = jax.grad(lambda a, b: jnp.sum(pointwise.pointwise_conv(a, b, "dot_vjp")), argnums=(0, 1))(
-      jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16))
+  # bf16 compute, jitted (XLA:CPU has no bf16 x bf16 -> f32 dot: the operands are widened): the
+  # kernel gradient is the float32 sum over N*H*W of the bf16 operands, rounded once to bf16.
+  x16, w16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+  _, dw16 = jax.jit(jax.grad(lambda a, b: jnp.sum(pointwise.pointwise_conv(a, b, "dot_vjp")),
+                             argnums=(0, 1)))(x16, w16)
   assert dw16.dtype == jnp.bfloat16
+  xr = np.asarray(x16, np.float64)
+  ref16 = np.einsum("nhwi,nhwo->io", xr, np.ones(dy.shape))
+  n = x.size // x.shape[-1]  # terms per sum
+  bound = 2.0 ** -8 * np.abs(ref16) + n * 2.0 ** -24 * np.abs(xr).sum(axis=(0, 1, 2))[:, None]
+  assert np.all(np.abs(np.asarray(dw16, np.float64) - ref16) <= bound)
 
 
 @pytest.mark.parametrize("ksize,stride,size", [(3, 2, 8), (3, 2, 7), (3, 1, 6), (5, 2, 9)])
@@ -48,6 +55,17 @@ def test_patch_conv_matches_numpy_forward_and_gradients(ksize, stride, size):
     dx, dk = vjp(jnp.asarray(dy, jnp.float32))
     np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(dk, ref_dk, rtol=1e-5, atol=1e-4)
+  # bf16 under jit: the kernel gradient's float32 sums of the bf16 operands, rounded to bf16.
+  x16, k16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16)
+  dy16 = jnp.asarray(dy, jnp.bfloat16)
+  _, vjp = jax.vjp(jax.jit(lambda a, b: pointwise.patch_conv(a, b, stride, pad, "dot_vjp")), x16, k16)
+  _, dk16 = jax.jit(vjp)(dy16)
+  assert dk16.dtype == jnp.bfloat16
+  xr, dyr = np.asarray(x16, np.float64), np.asarray(dy16, np.float64)
+  _, ref16 = numpy_conv_grads(xr, np.asarray(k16, np.float64), dyr, stride, pad)
+  _, mag = numpy_conv_grads(np.abs(xr), np.abs(np.asarray(k16, np.float64)), np.abs(dyr), stride, pad)
+  n = dy.size // dy.shape[-1]
+  assert np.all(np.abs(np.asarray(dk16, np.float64) - ref16) <= 2.0 ** -8 * np.abs(ref16) + n * 2.0 ** -24 * mag)
 
 
 def test_network_gradients_agree_between_impls():

@@ -89,6 +89,24 @@ def test_every_experiment_test_variant_runs_a_step(path, fast_compile):
   chex.assert_tree_shape_prefix(run.state.params["backbone"], (k,))  # members stacked on axis 0
 
 
+def test_bf16_step_with_the_cpu_kernels(fast_compile):
+  # bf16 compute with the CPU kernels ("auto": dot_vjp, shifted depthwise, fused BN) under XLA's
+  # cheap pipeline, as bench/accelerator.py --smoke runs it: XLA:CPU has no bf16 x bf16 -> f32
+  # dot there, which the GEMM-form weight gradients must not ask for.
+  losses = []
+  for dtype in ("float32", "bfloat16"):
+    c = configs.experiment("arcface_srv_fdp", "test")
+    c.model.depthwise_impl = c.model.pointwise_impl = c.model.batchnorm_impl = "auto"
+    c.model.dtype = dtype
+    run = Run(c)
+    m = run.step(0)
+    chex.assert_tree_all_finite(run.state.params)
+    losses.append(float(m["loss"]))
+  # The loss (s * cosines through CE, ~10^2 here) from bf16 features: the gate of the
+  # accelerator script's bf16 check (5%), not a rounding bound.
+  assert abs(losses[1] - losses[0]) <= 5e-2 * abs(losses[0]), losses
+
+
 def _params(workdir, c):
   state = train.load_state(c, workdir, 30)
   return jax.device_get((state.params, state.batch_stats, state.opt_state))

@@ -39,6 +39,15 @@ def resolve_impl(impl: str) -> str:
   return choose_backend("pointwise implementation", impl, IMPLS, "dot_vjp", "dot")
 
 
+def _weight_grad_dot(a, b):
+  """``a^T b`` over the leading axis with float32 accumulation. XLA:CPU has no bf16 x bf16 -> f32
+  dot (``UNIMPLEMENTED: Unsupported element type for DotThunk``): there the bf16 operands are
+  widened first, which gives the same float32 sums."""
+  if a.dtype != jnp.float32 and jax.default_backend() == "cpu":
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
 @jax.custom_vjp
 def _dot_vjp(x, w):
   return jnp.dot(x, w)
@@ -53,8 +62,7 @@ def _dot_vjp_bwd(res, dy):
   dx = jnp.dot(dy, w.T)
   x2 = x.reshape(-1, x.shape[-1])
   dy2 = dy.reshape(-1, dy.shape[-1])
-  dw = lax.dot_general(x2, dy2, (((0,), (0,)), ((), ())),
-                       preferred_element_type=jnp.float32).astype(w.dtype)
+  dw = _weight_grad_dot(x2, dy2).astype(w.dtype)
   return dx, dw
 
 
@@ -92,8 +100,7 @@ def _patch_conv_bwd(stride, pad, res, dy):
   x, kernel = res
   kh, kw, i, o = kernel.shape
   cols = _patches(x, kh, kw, stride, pad)
-  dk = lax.dot_general(cols.reshape(-1, kh * kw * i), dy.reshape(-1, o), (((0,), (0,)), ((), ())),
-                       preferred_element_type=jnp.float32)
+  dk = _weight_grad_dot(cols.reshape(-1, kh * kw * i), dy.reshape(-1, o))
   _, vjp_x = jax.vjp(lambda xx: _native_conv(xx, kernel, stride, pad), x)
   (dx,) = vjp_x(dy)
   return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
