@@ -1,6 +1,7 @@
 """The accelerator script (bench/accelerator.py) end to end at toy sizes on CPU (``--smoke``), so
-that it still runs when a GPU is at hand. A benchmark, so run on request (``pytest -m slow``,
-about 2.5 minutes on 2 cores, nearly all compilation): before every accelerator run."""
+that it still runs when a GPU is at hand. Slow-marked (about 1.5-2.5 minutes on 2 cores, nearly
+all compilation): the README's full test command, which CI runs, includes it; run it before
+every accelerator run."""
 
 import json
 import os

@@ -1,4 +1,5 @@
-"""The README's demo end to end (about 4.5 minutes on 2 cores): run with `python -m pytest -m slow`."""
+"""The README's demo end to end (about 4 minutes on 2 cores): slow-marked, in the README's full
+test command that CI runs (`python -m pytest -q -m "slow or not slow"`)."""
 
 import json
 import os
