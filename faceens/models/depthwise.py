@@ -18,8 +18,15 @@ multiply-adds, the same layer is a handful of fusible elementwise ops (~5 ms for
   stride 1 all taps of a chunk are one variadic reduction (one fused loop); with stride > 1 each
   tap reduces its unpadded overlap of ``x`` and ``g`` on its own.
 
-On GPU/TPU the native grouped convolution (cuDNN / TPU conv units) is used. Both
-implementations use the same parameter layout as ``flax.linen.Conv`` with
+``fused`` is the same arithmetic shaped for GPU/TPU compilers, with no loop anywhere: the
+forward and the input gradient are the shifted multiply-adds above (elementwise, so XLA can
+fuse them with the BatchNorm and PReLU around them), and the kernel gradient is one variadic
+reduction of all ``kh * kw`` tap products over N*H*W (any stride; the CPU form's ``fori_loop``
+over cache-sized batch chunks would become serial kernels on a GPU).
+
+On GPU/TPU ``auto`` picks the native grouped convolution (cuDNN / TPU conv units) until the
+accelerator probe (``bench/accelerator.py``) shows ``fused`` faster there. All implementations
+use the same parameter layout as ``flax.linen.Conv`` with
 ``feature_group_count=C``: kernel ``[kh, kw, 1, C]``, so checkpoints move between backends.
 """
 
@@ -33,7 +40,7 @@ from jax import lax
 
 from faceens.models.backend import choose as choose_backend
 
-IMPLS = ("auto", "shifted", "native")
+IMPLS = ("auto", "shifted", "native", "fused")
 
 
 def resolve_impl(impl: str) -> str:
@@ -241,9 +248,62 @@ def shifted_depthwise(x, kernel, stride: int, padding: int | None = None,
   return _shifted_depthwise(x, kernel, stride, padding, chunk)
 
 
+def _fused_kernel_grad(x, g, kh, kw, stride, padding):
+  """``dK[i, j, c] = sum_{b,h,w} xpad[b, h*s+i, w*s+j, c] g[b, h, w, c]`` as one multi-output
+  reduction over N*H*W: every tap's strided window of the padded ``x`` times ``g``, summed in
+  float32 by a single variadic ``lax.reduce`` (one pass over ``x`` and ``g`` for all taps)."""
+  out_h, out_w = g.shape[1], g.shape[2]
+  ph, pw = padding
+  b, in_h, in_w, c = x.shape
+  # Pad so that every window [i + s*h] for h < out_h exists (the high side may need fewer rows
+  # than ph, or more when the padding exceeds what the kernel needs).
+  hi_h = (out_h - 1) * stride + kh - in_h - ph
+  hi_w = (out_w - 1) * stride + kw - in_w - pw
+  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (ph, hi_h, 0), (pw, hi_w, 0), (0, 0, 0)))
+  prods = []
+  for i in range(kh):
+    for j in range(kw):
+      window = lax.slice(xp, (0, i, j, 0),
+                         (b, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
+                         (1, stride, stride, 1))
+      prods.append((window * g).astype(jnp.float32))
+  sums = lax.reduce(prods, [jnp.zeros((), jnp.float32)] * len(prods),
+                    lambda a, b_: [u + v for u, v in zip(a, b_)], (0, 1, 2))
+  return jnp.stack(sums).reshape(kh, kw, 1, c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _fused_depthwise(x, kernel, stride, padding):
+  return _shifted_forward(x, kernel, stride, padding)
+
+
+def _fused_fwd(x, kernel, stride, padding):
+  return _shifted_forward(x, kernel, stride, padding), (x, kernel)
+
+
+def _fused_bwd(stride, padding, res, g):
+  x, kernel = res
+  kh, kw = kernel.shape[:2]
+  dx = _input_grad(g, kernel, stride, padding, x.shape[1], x.shape[2]).astype(x.dtype)
+  dk = _fused_kernel_grad(x, g, kh, kw, stride, _paddings(kernel, padding)).astype(kernel.dtype)
+  return dx, dk
+
+
+_fused_depthwise.defvjp(_fused_fwd, _fused_bwd)
+
+
+def fused_depthwise(x, kernel, stride: int, padding: int | None = None):
+  """Depthwise conv shaped for GPU/TPU (see the module docstring); same result as
+  ``native_depthwise``, no loop in its forward or gradient."""
+  return _fused_depthwise(x, kernel, stride, padding)
+
+
 def depthwise_conv(x, kernel, stride: int = 1, padding: int | None = None, impl: str = "auto"):
-  """Depthwise convolution, NHWC; ``impl`` in ``auto`` (per backend), ``shifted``, ``native``."""
+  """Depthwise convolution, NHWC; ``impl`` in ``auto`` (per backend), ``shifted``, ``native``,
+  ``fused``."""
   impl = resolve_impl(impl)
   if impl == "native":
     return native_depthwise(x, kernel, stride, padding)
+  if impl == "fused":
+    return fused_depthwise(x, kernel, stride, padding)
   return shifted_depthwise(x, kernel, stride, padding)
