@@ -37,10 +37,12 @@ BATCH, SIZE, CLASSES = 64, 112, 1000
 def jax_step(members: int, depthwise_impl: str = "auto", strategy: str = "auto", *,
              batchnorm_impl: str = "auto", dtype: str = "float32", batch: int = BATCH,
              size: int = SIZE, classes: int = CLASSES, width: float = 1.0, blocks=(1, 4, 6, 2),
-             embedding_dim: int = 512):
+             embedding_dim: int = 512, compiler_options: dict | None = None):
   """faceens' jitted train step (the ``baseline`` method for K > 1), compiled and run once.
 
-  Returns ``(one, info)``: ``one()`` runs one more step and returns its loss (synchronised).
+  ``compiler_options``: XLA options for this step's compilation only (e.g.
+  ``{"xla_gpu_autotune_level": 2}``). Returns ``(one, info)``: ``one()`` runs one more step and
+  returns its loss (synchronised).
   """
   import jax
   from faceens import configs, models, sharding, train
@@ -64,12 +66,14 @@ def jax_step(members: int, depthwise_impl: str = "auto", strategy: str = "auto",
   x = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
   y = rng.integers(0, classes, batch).astype(np.int32)
   xb, yb = sharding.put_batch(mesh, x, y)
+  t0 = time.perf_counter()
+  if compiler_options:
+    step = step.lower(box["state"], xb, yb).compile(compiler_options=compiler_options)
 
   def one():
     box["state"], m = step(box["state"], xb, yb)
     return float(jax.block_until_ready(m)["loss"])
 
-  t0 = time.perf_counter()
   one()
   info = {"compile_s": time.perf_counter() - t0, "backend": jax.default_backend(),
           "depthwise_impl": depthwise_impl, "batchnorm_impl": batchnorm_impl, "strategy": strategy,

@@ -43,3 +43,31 @@ def test_accelerator_smoke_runs_every_step(tmp_path):
     assert all("speedup_vs_torch_eager" in r for r in doc["train_step"])
     assert all(r["torch_port_max_abs_err"] < 1e-3 for r in doc["attack"])
     assert all("speedup_vs_torch_batched" in r for r in doc["attack"])
+
+
+@pytest.mark.slow
+def test_probe_smoke_runs_every_row(tmp_path):
+  """bench/probe.py --smoke (about 2 minutes on 2 cores): every workload x depthwise form x XLA
+  setting compiles, runs and is profiled; every depthwise layer of the network is timed."""
+  out = tmp_path / "probe.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "bench/probe.py", "--smoke", f"--out={out}"], cwd=REPO,
+                     env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  doc = json.loads(out.read_text())
+  assert doc["header"]["smoke"] and not doc["skipped"]
+  rows = {(s["workload"], s["depthwise"], s["tuning"]): s for s in doc["steps"]}
+  assert set(rows) == {(w, i, t) for w in ("train_k2_bf16", "attack_single")
+                       for i in ("native", "fused")
+                       for t in ("autotune0", "autotune2", "autotune2_no_triton_gemm", "autotune4")}
+  for s in rows.values():
+    assert "error" not in s, s
+    assert s["step_s"] > 0 and s["compile_s"] > 0 and s["top_ops"]
+  layers = doc["depthwise_layers"]
+  # The smoke network (blocks 1,1,1,1): the stem's depthwise, then a stride-2 and a stride-1
+  # layer per stage.
+  assert [l["stride"] for l in layers] == [1, 2, 1, 2, 1, 2, 1]
+  for l in layers:
+    assert all(l[f"{impl}_{p}_ms"] > 0 for impl in ("native", "fused", "torch")
+               for p in ("fwd", "fwd_bwd"))
+  assert set(doc["best"]) == {"train_k2_bf16", "attack_single"}
