@@ -32,7 +32,7 @@ import os
 
 import numpy as np
 
-from faceens import api, verification
+from faceens import api, provenance, verification
 from faceens.data import demo as demo_data
 from faceens.data import image_folder
 from faceens.data import lfw as lfw_data
@@ -289,7 +289,7 @@ def write_eval_json(workdir, c, step, num_members, results, write: bool = True,
                      "step 0.01, 10 contiguous folds; paper: Euclidean on E(x), no flip",
          "threshold_from": threshold_from or default_threshold_set(c, datasets,
                                                                    old.get("threshold_from")),
-         "datasets": datasets}
+         "provenance": provenance.record(), "datasets": datasets}
   if write:
     with open(path, "w") as f:
       json.dump(out, f, indent=2)

@@ -10,6 +10,11 @@ Stages (``--stages``, default all, in this order):
     only) in ``--runs/<loss>_advt_m<margin>_s<seed>``: a finished run is reused, an interrupted
     one resumes from its last checkpoint; each run ends with its evaluation on the 3,000 pairs of
     LFW folds 6-10. Seeds first, in order: an interrupted suite has whole seeds.
+  * ``export``: each finished run's clean results, kept with the report so that they outlive the
+    run directories: ``--out/runs/<run>/run.json`` (method, seed, margin, the resolved config,
+    training summary, LFW test metrics, provenance) and ``test_pairs.npz`` (per-pair distances of
+    the 3,000 test pairs under both protocols, members too, labels, folds). Safe to run beside a
+    training process: it only reads finished runs.
   * ``attack``: white-box LOTS attacks on every run over the same fixed different-person pairs of
     folds 6-10, black-box transfer from the single model, an adaptive attack on the ensembles
     (``faceens.reproduce_attacks``); per-run results in ``--runs/<run>/suite_attacks``.
@@ -34,10 +39,10 @@ import ml_collections
 
 import jax
 
-from faceens import configs, losses, reproduce_attacks, reproduce_report, train
+from faceens import api, configs, losses, provenance, reproduce_attacks, reproduce_report, train
 
 SUITES = ("lfw",)
-STAGES = ("train", "attack", "report")
+STAGES = ("train", "export", "attack", "report")
 ARCFACE_METHODS = ("single", "baseline", "adp", "fdp", "srv", "srv_adp", "srv_fdp", "advt")
 SMOKE_METHODS = ("single", "srv_fdp")
 DEFAULT_SEEDS = (0, 1, 2)
@@ -192,6 +197,57 @@ def train_all(suite: Suite, progress: bool = True) -> dict[RunSpec, dict]:
   return summaries
 
 
+def export_dir(suite: Suite, run) -> str:
+  return os.path.join(suite.out, "runs", suite.run_name(run))
+
+
+def export_run(suite: Suite, run) -> str | None:
+  """Writes a finished run's clean results to ``export_dir`` (see the module docstring); returns
+  the folder, or ``None`` if the run has not finished. A run exported before is left as it is
+  unless its training summary changed."""
+  spec = suite.spec(run)
+  c, w = run_config(suite, spec), suite.workdir(spec)
+  if not is_trained(w, c):
+    return None
+  dest = export_dir(suite, spec)
+  with open(os.path.join(w, "summary.json")) as f:
+    summary = json.load(f)
+  done = reproduce_attacks.load_json(os.path.join(dest, "run.json"))
+  if done is not None and done.get("summary") == summary and os.path.isfile(
+      os.path.join(dest, "test_pairs.npz")):
+    return dest
+  os.makedirs(dest, exist_ok=True)
+  att = os.path.join(w, "suite_attacks")
+  os.makedirs(att, exist_ok=True)
+  tp = reproduce_attacks.test_pair_distances(api.load(w), att)
+  with open(tp, "rb") as src, open(os.path.join(dest, "test_pairs.npz"), "wb") as out:
+    out.write(src.read())
+  with open(os.path.join(w, "eval.json")) as f:
+    test = json.load(f)["datasets"]["lfw_test"]
+  doc = {"run": suite.run_name(spec), "method": spec.method, "seed": spec.seed,
+         "advt_margin": (float(c.advt.margin) if configs.uses_group(c.method, "advt") else None),
+         "config": configs.recipe(c), "summary": summary,
+         "lfw_test": {k: test[k] for k in ("accuracy", "accuracy_std", "threshold", "roc_auc",
+                                           "tar_at_far", "pairs", "paper")},
+         "trained_with": summary.get("provenance"), "exported_with": provenance.record()}
+  with open(os.path.join(dest, "run.json"), "w") as f:
+    json.dump(doc, f, indent=2)
+  return dest
+
+
+def export_all(suite: Suite, progress: bool = True) -> list[str]:
+  """``export_run`` for every run of the suite; returns the folders written or kept."""
+  out = []
+  for spec in suite.runs():
+    dest = export_run(suite, spec)
+    if dest is not None:
+      out.append(dest)
+  if progress:
+    print(f"exported {len(out)} of {len(suite.runs())} runs to {os.path.join(suite.out, 'runs')}",
+          flush=True)
+  return out
+
+
 def trained_configs(suite: Suite) -> dict:
   """``{method: config}`` of the suite's finished runs, in the suite's order."""
   out = {}
@@ -257,6 +313,8 @@ def main(argv):
     if not jax.config.jax_compilation_cache_dir:
       jax.config.update("jax_compilation_cache_dir", os.path.join(runs_dir, ".jax_cache"))
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if "export" in stages:
+      export_all(suite)
     if "attack" in stages:
       reproduce_attacks.attack_all(suite, lambda: trained_configs(suite))
     if "report" in stages:

@@ -38,7 +38,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from faceens import api, configs, evaluate, heads, losses, models, sharding
+from faceens import api, configs, evaluate, heads, losses, models, provenance, sharding
 from faceens.attacks import lots
 from faceens.data import demo as demo_data
 from faceens.data import image_folder
@@ -583,6 +583,7 @@ def finish(run: Setup, workdir: str, log: _Log, train_seconds: float) -> dict:
       "img_per_s": log.steady_images / log.steady_time if log.steady_time > 0 else float("nan"),
       "backbone_params": _backbone_params(run.state), "devices": int(run.mesh.size),
       "backend": jax.default_backend(), "heldout_accuracy": None,
+      "provenance": provenance.record(),
   }
   is_main = sharding.is_main_process()
   if run.eval_sets:
