@@ -27,9 +27,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from PIL import Image
-from tqdm import tqdm
 
-from faceens import configs, models
+from faceens import configs, logs, models
 from faceens.data.image_folder import fit_image, fit_spec
 from faceens.models import ensemble
 from faceens.verification import flip_embedding
@@ -126,7 +125,8 @@ class FaceModel:
       x = np.ascontiguousarray(x[:, :, ::-1])
     fn = functools.partial(self._compiled_apply(), self.member_variables(member))
     outs = []
-    with tqdm(total=len(x), disable=not progress, unit="img", desc=desc, leave=False) as bar:
+    with logs.progress(total=len(x), disable=not progress, unit="img", desc=desc,
+                       leave=False) as bar:
       for i in range(0, len(x), batch_size):
         chunk = x[i:i + batch_size]
         pad = batch_size - len(chunk)

@@ -32,9 +32,8 @@ import time
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
-from faceens import api, evaluate, sharding
+from faceens import api, evaluate, logs, sharding
 from faceens.attacks import lots
 from faceens.data import image_folder
 from faceens.data import lfw as lfw_data
@@ -166,7 +165,7 @@ def run_batches(model, x_src, x_tgt, goal, cfg: lots.AttackConfig, *, batch_size
   compile_s = time.perf_counter() - t0
   outs = []
   t0 = time.perf_counter()
-  with tqdm(total=n, disable=not progress, unit="AX", desc=desc, dynamic_ncols=True) as bar:
+  with logs.progress(total=n, disable=not progress, unit="AX", desc=desc) as bar:
     for i in range(0, n, batch_size):
       xs, xi, tg, g, real = batch(i)
       r = lots.attack_with_restarts(model.apply, variables, xs, tg, g, cfg, x_init=xi,
@@ -282,7 +281,7 @@ def run_compacted(model, x_src, targets, goal, cfg: lots.AttackConfig, *, x_init
   dist = np.full(n, np.inf, np.float32)
   active = np.ones(n, bool)
   done_iters = 0
-  with tqdm(total=n, disable=not progress, unit="AX", desc=desc, dynamic_ncols=True) as bar:
+  with logs.progress(total=n, disable=not progress, unit="AX", desc=desc) as bar:
     while active.any() and done_iters < cfg.max_iters:
       c = dataclasses.replace(cfg, max_iters=min(chunk, cfg.max_iters - done_iters))
       idx = np.flatnonzero(active)

@@ -32,7 +32,7 @@ import os
 
 import numpy as np
 
-from faceens import api, provenance, verification
+from faceens import api, logs, provenance, verification
 from faceens.data import demo as demo_data
 from faceens.data import image_folder
 from faceens.data import lfw as lfw_data
@@ -298,10 +298,9 @@ def write_eval_json(workdir, c, step, num_members, results, write: bool = True,
 
 def main(argv):
   from absl import flags
-  from absl import logging as absl_logging
   del argv
   FLAGS = flags.FLAGS
-  absl_logging.set_verbosity(absl_logging.WARNING)
+  logs.default_verbosity()
   split = lambda s: [p for p in (s or "").split(",") if p]
   try:
     folds = [int(f) - 1 for f in split(FLAGS.lfw_folds)] or None

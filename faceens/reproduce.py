@@ -39,7 +39,7 @@ import ml_collections
 
 import jax
 
-from faceens import api, configs, losses, provenance, reproduce_attacks, reproduce_report, train
+from faceens import api, configs, logs, losses, provenance, reproduce_attacks, reproduce_report, train
 
 SUITES = ("lfw",)
 STAGES = ("train", "export", "attack", "report")
@@ -293,10 +293,9 @@ def make_suite(name: str, lfw: str, runs_dir: str, out: str, methods: str | None
 
 def main(argv):
   from absl import flags
-  from absl import logging as absl_logging
   del argv
   FLAGS = flags.FLAGS
-  absl_logging.set_verbosity(absl_logging.WARNING)
+  logs.default_verbosity()
   stages = [s.strip() for s in FLAGS.stages.split(",") if s.strip()]
   try:
     for s in stages:

@@ -12,8 +12,9 @@ import os
 import jax
 import numpy as np
 from absl import flags
-from absl import logging as absl_logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from faceens import logs
 
 
 def is_main_process() -> bool:
@@ -114,11 +115,11 @@ def define_distributed_flags() -> None:
 
 
 def initialize_job():
-  """The start of a command-line job (train, attack): absl logs at WARNING (orbax logs every
-  save at INFO), and ``initialize_distributed`` when ``--distributed`` or any part of the explicit
-  form is given; a bad setting exits with a one-line error. Returns absl's ``FLAGS``."""
+  """The start of a command-line job (train, attack): absl logs at WARNING unless ``--verbosity``
+  says otherwise (``faceens.logs.default_verbosity``), and ``initialize_distributed`` when
+  ``--distributed`` or any part of the explicit form is given; a bad setting exits with a one-line error. Returns absl's ``FLAGS``."""
   FLAGS = flags.FLAGS  # noqa: N806
-  absl_logging.set_verbosity(absl_logging.WARNING)
+  logs.default_verbosity()
   explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   if FLAGS.distributed or any(v is not None for v in explicit):
     try:

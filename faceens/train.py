@@ -12,7 +12,10 @@ cluster; each process reads its rows of every global batch.
 
 Writes to DIR: ``checkpoints/`` (orbax; every ``train.checkpoint_every`` steps and at the end; a
 restarted run resumes from the latest and ends bit-identical to an uninterrupted one),
-``config.json``, ``metrics.jsonl`` (one line per log step) and ``summary.json``.
+``config.json``, ``metrics.jsonl`` (one record shape: ``{"step": N, "train/loss": ...}`` every
+log step, ``{"step": N, "eval/<set>/accuracy": ...}`` after each evaluation), the same scalars as
+TensorBoard event files in ``tensorboard/``, and ``summary.json``. Progress: a bar on a terminal,
+a plain line every ``train.log_every`` steps in a log file (``faceens.logs``).
 """
 
 from __future__ import annotations
@@ -36,9 +39,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 import orbax.checkpoint as ocp
-from tqdm import tqdm
 
-from faceens import api, configs, evaluate, heads, losses, models, provenance, sharding
+from faceens import api, configs, evaluate, heads, logs, losses, models, provenance, sharding
 from faceens.attacks import lots
 from faceens.data import demo as demo_data
 from faceens.data import image_folder
@@ -464,12 +466,16 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *, stop_after
     _truncate_metrics(metrics_path, run.start)
     if progress:
       _print_start(run)
-  t_loop = time.perf_counter()
-  log = train_loop(run, metrics_path, stop_after=stop_after, progress=progress)
-  if log is None:
-    return {"steps": int(run.state.step), "stopped": True}
-  del run.data_iter  # stops grain's worker processes and frees their shared memory
-  return finish(run, workdir, log, time.perf_counter() - t_loop)
+  writer = logs.MetricWriter(workdir, enabled=sharding.is_main_process())
+  try:
+    t_loop = time.perf_counter()
+    log = train_loop(run, writer, stop_after=stop_after, progress=progress)
+    if log is None:
+      return {"steps": int(run.state.step), "stopped": True}
+    del run.data_iter  # stops grain's worker processes and frees their shared memory
+    return finish(run, workdir, log, time.perf_counter() - t_loop)
+  finally:
+    writer.close()
 
 
 def _print_start(run: Setup) -> None:
@@ -493,15 +499,15 @@ class _Log:
   steady_time: float = 0.0
 
 
-def train_loop(run: Setup, metrics_path: str, *, stop_after: int | None = None,
+def train_loop(run: Setup, writer: logs.MetricWriter, *, stop_after: int | None = None,
                progress: bool = True) -> _Log | None:
   """Steps ``run`` (from ``setup(c, workdir)``) to ``run.num_steps``: logs every ``train.log_every`` steps, evaluates every
   ``train.eval_every``, checkpoints every ``train.checkpoint_every`` (never a non-finite state).
   Returns None when stopped early by ``stop_after``."""
   c, mngr, is_main = run.c, run.mngr, sharding.is_main_process()
   schedule = learning_rate_schedule(c, run.num_steps)
-  bar = tqdm(total=run.num_steps, initial=run.start, disable=not (progress and is_main),
-             unit="step", dynamic_ncols=True, desc=f"{c.loss.name}_{c.method}")
+  bar = logs.progress(total=run.num_steps, initial=run.start, disable=not (progress and is_main),
+                      unit="step", desc=f"{c.loss.name}_{c.method}", every=c.train.log_every)
   log, t_window, n_window, compiled = _Log(), time.perf_counter(), 0, False
   metrics = None
   for step in range(run.start, run.num_steps):
@@ -524,18 +530,17 @@ def train_loop(run: Setup, metrics_path: str, *, stop_after: int | None = None,
         raise _non_finite_error(m, done, c, mngr.latest_step())
     if is_log:
       now = time.perf_counter()
-      ips = n_window / max(now - t_window, 1e-9) if n_window else float("nan")
+      ips = n_window / max(now - t_window, 1e-9) if n_window else None  # None: not measured
       log.steady_images, log.steady_time = log.steady_images + n_window, log.steady_time + (
           now - t_window if n_window else 0.0)
       t_window, n_window = now, 0
       log.last = {k: float(v) for k, v in m.items() if k != "finite"}
-      _append(metrics_path, {"step": done, "lr": float(schedule(step)), "img_per_s": ips,
-                             **log.last}, is_main)
+      writer.write(done, {"train": {"lr": float(schedule(step)), "img_per_s": ips, **log.last}})
       bar.set_postfix(loss=f"{log.last['loss']:.3f}", ce=f"{log.last['ce']:.3f}",
                       reg=f"{log.last['reg']:.3f}", acc=f"{log.last['accuracy']:.2f}",
-                      img_s=f"{ips:.1f}")
+                      img_s="n/a" if ips is None else f"{ips:.1f}")
     if c.train.eval_every and done % c.train.eval_every == 0 and done != run.num_steps:
-      _evaluate_during_training(run, done, metrics_path, bar if progress and is_main else None)
+      _evaluate_during_training(run, done, writer, bar if progress and is_main else None)
     bar.update(1)
     if will_save:
       mngr.save(done, args=_save_args(run.state, run.data_iter), force=(done == run.num_steps))
@@ -546,19 +551,13 @@ def train_loop(run: Setup, metrics_path: str, *, stop_after: int | None = None,
   return log
 
 
-def _append(path: str, record: dict, is_main: bool) -> None:
-  if is_main:
-    with open(path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-
-
-def _evaluate_during_training(run: Setup, done: int, metrics_path: str, bar) -> None:
+def _evaluate_during_training(run: Setup, done: int, writer: logs.MetricWriter, bar) -> None:
   results = run_evaluation(run.c, run.face_model, run.state, run.eval_sets)
-  _append(metrics_path, {"step": done, "eval": {
+  writer.write(done, {"eval": {
       name: {"accuracy": r["accuracy"], "accuracy_std": r["accuracy_std"],
              "roc_auc": r["roc_auc"], "paper_accuracy": r["paper"]["accuracy"],
              "member_accuracy": [m["accuracy"] for m in r["members"]]}
-      for name, r in results.items()}}, sharding.is_main_process())
+      for name, r in results.items()}})
   if bar is not None:
     bar.write(f"step {done}: " + ", ".join(
         f"{n} accuracy {r['accuracy']:.4f} (paper {r['paper']['accuracy']:.4f})"
@@ -572,7 +571,9 @@ def finish(run: Setup, workdir: str, log: _Log, train_seconds: float) -> dict:
   if not last and os.path.exists(metrics_path):  # already finished: report the logged end
     with open(metrics_path) as f:
       lines = [json.loads(l) for l in f if l.strip()]
-    lines = [l for l in lines if "loss" in l]
+    # train/<name> records (older runs: flat training rows).
+    lines = [{k.removeprefix("train/"): v for k, v in l.items()} for l in lines
+             if "train/loss" in l or "loss" in l]
     last = {k: v for k, v in lines[-1].items() if k not in ("step", "lr", "img_per_s")} if lines else {}
   summary = {
       "method": c.method, "loss": c.loss.name, "variant": c.variant,

@@ -16,7 +16,7 @@ import json
 
 import numpy as np
 
-from faceens import api, verification
+from faceens import api, logs, verification
 from faceens.data.image_folder import DataError, fit_spec, load_image
 
 
@@ -39,9 +39,8 @@ def verify(model, image_a: str, image_b: str, threshold: float | None = None,
 
 def main(argv):
   from absl import flags
-  from absl import logging as absl_logging
   FLAGS = flags.FLAGS
-  absl_logging.set_verbosity(absl_logging.WARNING)
+  logs.default_verbosity()
   paths = argv[1:]
   if len(paths) != 2:
     raise SystemExit(f"error: expected two image paths, got {len(paths)}: "

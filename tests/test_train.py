@@ -285,7 +285,7 @@ def test_training_on_a_faces_emore_directory(tmp_path, fast_compile):
   s = train.train_and_evaluate(c, str(tmp_path / "w"), progress=False)
   assert s["steps"] == 2 and np.isfinite(s["final_loss"]) and "lfw" in s["eval"]
   with open(tmp_path / "w" / "metrics.jsonl") as f:
-    assert any("lfw" in json.loads(l).get("eval", {}) for l in f)
+    assert any("eval/lfw/accuracy" in json.loads(l) for l in f)
 
 
 def test_train_on_lfw_layout_and_evaluate_on_unseen_folds(tmp_path):
@@ -314,9 +314,32 @@ def test_train_on_lfw_layout_and_evaluate_on_unseen_folds(tmp_path):
 def test_training_logs_periodic_and_final_evaluation(run_dir):
   with open(os.path.join(run_dir, "metrics.jsonl")) as f:
     lines = [json.loads(l) for l in f]
-  evals = [l for l in lines if "eval" in l]
+  # One record shape: {"step", "<group>/<name>": float}; training rows every step (log_every 1).
+  assert all(isinstance(v, float) for l in lines for k, v in l.items() if k != "step")
+  assert [l["step"] for l in lines if "train/loss" in l] == [1, 2, 3]
+  evals = [l for l in lines if "eval/heldout/accuracy" in l]
   assert [l["step"] for l in evals] == [2]
-  assert 0 <= evals[0]["eval"]["heldout"]["accuracy"] <= 1
+  assert 0 <= evals[0]["eval/heldout/accuracy"] <= 1
+  assert {"eval/heldout/member_accuracy/0", "eval/heldout/paper_accuracy"} <= set(evals[0])
+  # The same scalars as TensorBoard event files (TFRecord framing: length, crc, Event, crc).
+  import glob
+  import struct
+  from tensorboardX.proto import event_pb2
+  scalars = {}
+  for path in glob.glob(os.path.join(run_dir, "tensorboard", "events.out.tfevents.*")):
+    data = open(path, "rb").read()
+    pos = 0
+    while pos < len(data):
+      (n,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      pos += 12 + n + 4
+      for v in event.summary.value:
+        scalars[(v.tag, event.step)] = v.simple_value
+  for l in lines:
+    for k, v in l.items():
+      if k != "step":
+        assert scalars[(k, l["step"])] == pytest.approx(v, rel=1e-6)  # stored as float32
+
   with open(os.path.join(run_dir, "eval.json")) as f:  # faceens.evaluate tests rewrite its sets
     assert json.load(f)["step"] == 3
   with open(os.path.join(run_dir, "summary.json")) as f:
