@@ -11,7 +11,7 @@ Stages (``--stages``, default all, in this order):
     one resumes from its last checkpoint; each run ends with its evaluation on the 3,000 pairs of
     LFW folds 6-10. Seeds first, in order: an interrupted suite has whole seeds.
   * ``export``: each finished run's clean results, kept with the report so that they outlive the
-    run directories: ``--out/runs/<run>/run.json`` (method, seed, margin, the resolved config,
+    run directories: ``--out/per_run/<run>/run.json`` (method, seed, margin, the resolved config,
     training summary, LFW test metrics, provenance) and ``test_pairs.npz`` (per-pair distances of
     the 3,000 test pairs under both protocols, members too, labels, folds). Safe to run beside a
     training process: it only reads finished runs.
@@ -198,7 +198,7 @@ def train_all(suite: Suite, progress: bool = True) -> dict[RunSpec, dict]:
 
 
 def export_dir(suite: Suite, run) -> str:
-  return os.path.join(suite.out, "runs", suite.run_name(run))
+  return os.path.join(suite.out, "per_run", suite.run_name(run))
 
 
 def export_run(suite: Suite, run) -> str | None:
@@ -243,7 +243,7 @@ def export_all(suite: Suite, progress: bool = True) -> list[str]:
     if dest is not None:
       out.append(dest)
   if progress:
-    print(f"exported {len(out)} of {len(suite.runs())} runs to {os.path.join(suite.out, 'runs')}",
+    print(f"exported {len(out)} of {len(suite.runs())} runs to {os.path.join(suite.out, 'per_run')}",
           flush=True)
   return out
 

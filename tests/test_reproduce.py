@@ -62,10 +62,10 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
     assert entry["attacks"]["bim"]["derived_from"].startswith("ifgsm")
   # The export stage keeps each run's clean results with the report (they outlive runs/).
   for m in ("single", "srv_fdp"):
-    run = json.loads((out / "runs" / f"arcface_{m}_s0" / "run.json").read_text())
+    run = json.loads((out / "per_run" / f"arcface_{m}_s0" / "run.json").read_text())
     assert (run["method"], run["seed"], run["config"]["seed"]) == (m, 0, 0)
     assert run["exported_with"]["jax"] and run["trained_with"]["jax"]
-    with np.load(out / "runs" / f"arcface_{m}_s0" / "test_pairs.npz") as z:
+    with np.load(out / "per_run" / f"arcface_{m}_s0" / "test_pairs.npz") as z:
       acc = verification.kfold_accuracy(z["insightface"], z["issame"].astype(bool),
                                         folds=z["fold"])[0]
     assert np.isclose(acc, run["lfw_test"]["accuracy"], atol=1e-9)
