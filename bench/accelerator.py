@@ -446,7 +446,8 @@ def _attack_model_rows(method: str, sz: Sizes, report: Report, budget: Budget,
   x = model.prepare(images)
   xs, xt = x[pairs[:, 0]], x[pairs[:, 1]]
   trained = {"method": method, "members": model.num_members, "train_seconds": seconds,
-             "train_steps": sz.attack_train_steps, "heldout_accuracy": summary["heldout_accuracy"],
+             "train_steps": sz.attack_train_steps,
+             "heldout_paper_accuracy": summary["heldout_paper_accuracy"],
              "threshold": model.paper_threshold}
   net = None
   if torch_device:

@@ -186,7 +186,9 @@ def _thresholds(workdir, threshold_from: str | None = None, step: int | None = N
   if os.path.isfile(path):
     with open(path) as f:
       s = json.load(f)
-    return None, s.get("heldout_threshold"), "summary.json:heldout"
+    # heldout_threshold: summaries written before the protocol was named in every key.
+    return (None, s.get("heldout_paper_threshold", s.get("heldout_threshold")),
+            "summary.json:heldout")
   return None, None, None
 
 

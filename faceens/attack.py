@@ -33,7 +33,7 @@ import time
 import jax
 import numpy as np
 
-from faceens import api, evaluate, logs, sharding
+from faceens import api, evaluate, logs, provenance, sharding
 from faceens.attacks import lots
 from faceens.data import image_folder
 from faceens.data import lfw as lfw_data
@@ -360,7 +360,8 @@ def white_box(model, methods, n_pairs: int, goal: str, out_dir: str, *, images_d
     with open(os.path.join(out_dir, f"attack_{name}.json"), "w") as f:
       # Eq. 1: over the successful AXs only; success_rate (of all attempts) stands beside it.
       json.dump({"summary": summ, "tau_curve": curve, "tau_curve_n_ax": int(res["success"].sum()),
-                 "success_rate": summ["success_rate"]}, f, indent=2)
+                 "success_rate": summ["success_rate"], "provenance": provenance.record()}, f,
+                indent=2)
     np.savez_compressed(os.path.join(out_dir, f"attack_{name}.npz"), x_src=x_src, x_tgt=x_tgt,
                         x_adv=res["x_adv"], success=res["success"], iterations=res["iterations"],
                         goal=res["goal"], distance=res["distance"], l2=res["l2"],
@@ -371,7 +372,8 @@ def white_box(model, methods, n_pairs: int, goal: str, out_dir: str, *, images_d
                   key=lambda k: ok[k]["l2_median"], default=None)
   overall = {"workdir": model.workdir, "methods": summaries, "least_perturbation": strongest,
              "note": "least_perturbation: among the attacks with the highest success rate, the "
-                     "one with the smallest median L2 perturbation"}
+                     "one with the smallest median L2 perturbation",
+             "provenance": provenance.record()}
   if is_main:
     with open(os.path.join(out_dir, "attack_summary.json"), "w") as f:
       json.dump(overall, f, indent=2)
@@ -415,7 +417,8 @@ def black_box(source_model, target_models, methods, n_pairs: int, distances, *, 
             "iterations_median": float(np.median(iters_total)),
             "ax_per_s": float(ok.sum() / res["seconds"])})
     for ti, t in enumerate(target_models):
-      doc = {"source": source_model.workdir, "target": t.workdir, "method": name,
+      doc = {"provenance": provenance.record(),
+             "source": source_model.workdir, "target": t.workdir, "method": name,
              "pairs_from": source, "seed": seed, "config": vars(cfg),
              "points": sorted(points[ti], key=lambda p: p["distance"])}
       results[(t.workdir, name)] = doc
@@ -509,6 +512,7 @@ def _define_flags():
   flags.DEFINE_integer("cw_patience", 20, "cw: iterations without a smaller successful L2")
   flags.DEFINE_integer("restarts", 1, "pgd random restarts")
   sharding.define_distributed_flags()
+  flags.adopt_module_key_flags(sharding)  # the distributed flags in --help
   for name in ("source_workdir", "batch_size", "max_iters", "step_size", "cw_lr", "cw_c",
                "cw_patience"):
     flags.DEFINE_alias(name.replace("_", "-"), name)  # --source-workdir as well as --source_workdir

@@ -191,7 +191,7 @@ def train_all(suite: Suite, progress: bool = True) -> dict[RunSpec, dict]:
     t0 = time.perf_counter()
     summaries[m] = train.train_and_evaluate(c, w, progress=progress)
     if progress:
-      acc = summaries[m].get("eval", {}).get("lfw_test", {}).get("accuracy")
+      acc = summaries[m].get("eval", {}).get("lfw_test", {}).get("insightface_accuracy")
       print(f"[{i + 1}/{len(runs)}] {suite.run_name(m)}: done in "
             f"{(time.perf_counter() - t0) / 60:.1f} min, test accuracy {acc}", flush=True)
   return summaries

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from faceens import api, configs, evaluate, plot, verification
+from faceens import api, configs, evaluate, plot, provenance, verification
 from faceens.reproduce_attacks import file_name, load_json, plan_for, test_pair_distances
 
 BOOTSTRAP = 1000
@@ -324,6 +324,7 @@ def write_report(suite) -> str:
     results["methods"][m] = entry
   if transfer is not None:
     results["transfer"] = transfer
+  results["provenance"] = provenance.record()
   with open(os.path.join(suite.out, "results.json"), "w") as f:
     json.dump(results, f)
 

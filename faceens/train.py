@@ -311,18 +311,18 @@ def run_evaluation(c, face_model, state: TrainState, sets) -> dict:
 
 
 def heldout_summary(results: dict) -> dict:
-  """summary.json's ``heldout_*`` keys from the ``heldout`` evaluation.
-
-  ``heldout_accuracy`` is the paper's protocol: Euclidean distance between ensemble embeddings
-  (mean of normalised member features), no flip. ``heldout_accuracy_flip`` is InsightFace's
-  (flip, squared L2); ``heldout_member_accuracy`` is each member alone (paper protocol).
+  """summary.json's ``heldout_*`` keys from the ``heldout`` evaluation; every accuracy names its
+  protocol. ``paper``: Amada et al.'s, Euclidean distance between ensemble embeddings (mean of
+  normalised member features), no flip; ``insightface``: InsightFace's, flip, squared L2;
+  ``heldout_member_paper_accuracy``: each member alone (paper protocol).
   """
   r = results["heldout"]
-  return {"heldout_accuracy": r["paper"]["accuracy"],
-          "heldout_accuracy_std": r["paper"]["accuracy_std"],
-          "heldout_threshold": r["paper"]["threshold"],
-          "heldout_accuracy_flip": r["accuracy"], "heldout_roc_auc": r["paper"]["roc_auc"],
-          "heldout_member_accuracy": [m["paper"]["accuracy"] for m in r["members"]],
+  return {"heldout_paper_accuracy": r["paper"]["accuracy"],
+          "heldout_paper_accuracy_std": r["paper"]["accuracy_std"],
+          "heldout_paper_threshold": r["paper"]["threshold"],
+          "heldout_paper_roc_auc": r["paper"]["roc_auc"],
+          "heldout_insightface_accuracy": r["accuracy"],
+          "heldout_member_paper_accuracy": [m["paper"]["accuracy"] for m in r["members"]],
           "heldout_pairs": r["pairs"]}
 
 
@@ -583,7 +583,7 @@ def finish(run: Setup, workdir: str, log: _Log, train_seconds: float) -> dict:
       "train_seconds": train_seconds,
       "img_per_s": log.steady_images / log.steady_time if log.steady_time > 0 else float("nan"),
       "backbone_params": _backbone_params(run.state), "devices": int(run.mesh.size),
-      "backend": jax.default_backend(), "heldout_accuracy": None,
+      "backend": jax.default_backend(), "heldout_paper_accuracy": None,
       "provenance": provenance.record(),
   }
   is_main = sharding.is_main_process()
@@ -591,7 +591,8 @@ def finish(run: Setup, workdir: str, log: _Log, train_seconds: float) -> dict:
     results = run_evaluation(c, run.face_model, run.state, run.eval_sets)
     if "heldout" in results:
       summary.update(heldout_summary(results))
-    summary["eval"] = {n: {"accuracy": r["accuracy"], "paper_accuracy": r["paper"]["accuracy"]}
+    summary["eval"] = {n: {"insightface_accuracy": r["accuracy"],
+                           "paper_accuracy": r["paper"]["accuracy"]}
                        for n, r in results.items()}
     if is_main:
       evaluate.write_eval_json(workdir, c, int(run.state.step), run.face_model.num_members, results)
@@ -632,7 +633,8 @@ def load_state(c, workdir: str, num_classes: int) -> TrainState:
 
 def _print_summary(summary: dict, workdir: str) -> None:
   keys = ["method", "loss", "num_members", "steps", "final_loss", "train_seconds", "img_per_s",
-          "heldout_accuracy", "heldout_accuracy_flip", "heldout_member_accuracy"]
+          "heldout_paper_accuracy", "heldout_insightface_accuracy",
+          "heldout_member_paper_accuracy"]
   print("\n" + "=" * 60)
   for k in keys:
     v = summary.get(k)
@@ -642,7 +644,7 @@ def _print_summary(summary: dict, workdir: str) -> None:
       v = "[" + ", ".join(f"{x:.4f}" for x in v) + "]"
     print(f"{k:>24}: {v}")
   for name, r in (summary.get("eval") or {}).items():
-    print(f"{'eval ' + name:>24}: accuracy {r['accuracy']:.4f} (InsightFace), "
+    print(f"{'eval ' + name:>24}: accuracy {r['insightface_accuracy']:.4f} (InsightFace), "
           f"{r['paper_accuracy']:.4f} (paper)")
   print(f"{'files':>24}: " + ", ".join(os.path.join(workdir, f) for f in
                                      ("summary.json", "eval.json", "metrics.jsonl", "config.json",
@@ -658,6 +660,12 @@ def main(argv):
     c.get("method")  # a config file that failed to load raises on first use
   except OSError as e:
     raise _config_file_error(e) from None
+  if FLAGS.print_config:
+    print("\n".join(f"{k} = {v!r}" for k, v in configs.flat_fields(c)))
+    return
+  if not FLAGS.workdir:
+    raise SystemExit("error: --workdir is required (the run's output folder), e.g. "
+                     "--workdir=runs/demo")
   try:
     summary = train_and_evaluate(c, FLAGS.workdir)
   except (ValueError, FileNotFoundError, NotImplementedError, image_folder.DataError,
@@ -670,17 +678,28 @@ def main(argv):
 def _define_flags():
   from absl import flags
   from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "experiments/<loss>_<method>.py[:variant]",
-                                  lock_config=True)
+  config_flags.DEFINE_config_file(
+      "config", None, "experiments/<loss>_<method>.py[:variant] (a file, or the name of an "
+      "experiment shipped with faceens, e.g. arcface_srv_fdp:demo); fields are overridden with "
+      "--config.<field>=<value>, --print_config lists them", lock_config=True)
   flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics, summary)")
+  flags.DEFINE_bool("print_config", False, "print every config field with its value (after the "
+                    "--config.<field> overrides) and exit")
   sharding.define_distributed_flags()
-  flags.mark_flags_as_required(["config", "workdir"])
+  flags.adopt_module_key_flags(sharding)  # the distributed flags in --help
+  flags.mark_flags_as_required(["config"])
 
 
 def parse_flags(argv):
   """absl's flag parsing, with a one-line error for a mistyped config override or config file
   (ml_collections raises ``AttributeError`` / ``OSError`` from deep inside for those)."""
   from absl import flags
+  argv = list(argv)
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      argv[i] = "--config=" + configs.resolve_config_path(a[len("--config="):])
+    elif a == "--config" and i + 1 < len(argv):
+      argv[i + 1] = configs.resolve_config_path(argv[i + 1])
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -699,7 +718,7 @@ def parse_flags(argv):
     arg = next((a for a in argv[1:] if a.startswith("--config.") and field in a), "--config.?")
     hint = f" {lines[1]}" if len(lines) > 1 else ""
     raise SystemExit(f"error: {arg.split('=')[0]}: the config has no field {field!r}.{hint} "
-                     "(python -m faceens.train --helpfull lists the fields)") from None
+                     "(--print_config lists the fields and their values)") from None
   except OSError as e:
     raise _config_file_error(e) from None
   except ValueError as e:  # raised by the experiment's get_config (e.g. an unknown variant)

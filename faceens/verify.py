@@ -13,6 +13,9 @@ if __name__ == "__main__":  # before JAX: glibc reads its tunables at start (fac
   hostenv.reexec_with_hugepage_malloc()
 
 import json
+import os
+import sys
+import types
 
 import numpy as np
 
@@ -20,10 +23,31 @@ from faceens import api, logs, verification
 from faceens.data.image_folder import DataError, fit_spec, load_image
 
 
-def verify(model, image_a: str, image_b: str, threshold: float | None = None,
+def _image(model, image) -> np.ndarray:
+  """One aligned face crop: a path, or an array (uint8 ``[H, W]`` / ``[H, W, 3]`` of any size, or
+  float ``[S, S(, 3)]`` in [0, 1] at the model's input size) -> float ``[S, S, 3]``."""
+  if isinstance(image, (str, os.PathLike)):
+    return load_image(os.fspath(image), model.input_size, fit_spec(model.config))
+  return model.prepare(np.asarray(image)[None])[0]
+
+
+def verify(model, image_a, image_b, threshold: float | None = None,
            member: int | None = None) -> dict:
-  images = np.stack([load_image(p, model.input_size, fit_spec(model.config))
-                     for p in (image_a, image_b)])
+  """Same person or not: ``faceens.verify(model, a, b)``.
+
+  Args:
+    model: a ``faceens.FaceModel`` (``faceens.load(workdir)``).
+    image_a, image_b: aligned face crops, each an image path or an array (see ``_image``).
+    threshold: squared-L2 threshold; default ``model.threshold`` (from ``eval.json``, see
+      ``faceens.load``'s ``threshold_from``).
+    member: use member ``k`` alone instead of the ensemble.
+
+  Returns:
+    ``{"distance", "threshold", "same", "threshold_source", "metric", "member", "image_a",
+    "image_b"}``: InsightFace's protocol, flip test-time augmentation and the squared L2
+    distance between the normalised embeddings; ``same`` is ``distance < threshold``.
+  """
+  images = np.stack([_image(model, im) for im in (image_a, image_b)])
   emb = model.embed(images, member=member, flip=True)
   dist = float(verification.distances(emb[:1], emb[1:], "squared_l2")[0])
   source = "given"
@@ -32,9 +56,20 @@ def verify(model, image_a: str, image_b: str, threshold: float | None = None,
   if threshold is None:
     raise ValueError(f"no threshold: run python -m faceens.evaluate --workdir={model.workdir} "
                      "first, or pass --threshold_from=NUMBER")
-  return {"image_a": image_a, "image_b": image_b, "distance": dist, "threshold": float(threshold),
-          "same": bool(dist < threshold), "metric": "squared_l2 (flip TTA)",
-          "member": member, "threshold_source": source}
+  name = lambda im: os.fspath(im) if isinstance(im, (str, os.PathLike)) else "array"  # noqa: E731
+  return {"image_a": name(image_a), "image_b": name(image_b), "distance": dist,
+          "threshold": float(threshold), "same": bool(dist < threshold),
+          "metric": "squared_l2 (flip TTA)", "member": member, "threshold_source": source}
+
+
+class _CallableModule(types.ModuleType):
+  """``faceens.verify`` is this module; calling it calls ``verify``."""
+
+  def __call__(self, *args, **kwargs):
+    return verify(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 def main(argv):

@@ -85,7 +85,7 @@ def attack_faces(model, n=8, seed=0):
   return x[pairs[:, 0]], x[pairs[:, 1]]
 
 
-EXPERIMENTS = sorted(glob.glob(os.path.join(REPO, "experiments", "*.py")))
+EXPERIMENTS = sorted(glob.glob(os.path.join(REPO, "faceens", "experiments", "*.py")))
 
 
 def load_experiment(path, variant):

@@ -55,3 +55,21 @@ def test_load_errors(tmp_path):
     faceens.load(str(tmp_path / "nope"))
   with pytest.raises(FileNotFoundError, match="not a faceens run directory"):
     faceens.load(str(tmp_path))
+
+
+def test_verify_takes_paths_and_arrays_alike(model):
+  import os
+  from tests.builders import ORL
+  pa, pb = os.path.join(ORL, "s31", "1.pgm"), os.path.join(ORL, "s32", "1.pgm")
+  by_path = faceens.verify(model, pa, pb, threshold=1.0)
+  arrays = faceens.verify(model, orl_face("s31", 1), orl_face("s32", 1), threshold=1.0)
+  assert by_path["distance"] == pytest.approx(arrays["distance"], abs=1e-6)
+  assert (arrays["image_a"], by_path["image_a"]) == ("array", pa)
+  # The distance is InsightFace's: squared L2 of the flip-augmented embeddings.
+  e = model.embed(np.stack([orl_face("s31", 1), orl_face("s32", 1)]), flip=True)
+  assert arrays["distance"] == pytest.approx(float(np.sum((e[0] - e[1]) ** 2)), abs=1e-5)
+  assert arrays["same"] == (arrays["distance"] < 1.0) and arrays["threshold_source"] == "given"
+  default = faceens.verify(model, pa, pb)
+  assert default["threshold"] == model.threshold and default["threshold_source"].startswith(
+      "eval.json:heldout")
+  assert {"load", "FaceModel", "verify"} <= set(dir(faceens))

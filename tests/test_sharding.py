@@ -141,7 +141,7 @@ def test_two_processes_train_like_two_devices_and_resume_after_a_kill(runs):
   assert summaries[2]["resumed_from"] == EVERY
   np.testing.assert_allclose(summaries[1]["final_loss"], summaries[0]["final_loss"], rtol=1e-4)
   assert summaries[1]["final_loss"] == summaries[2]["final_loss"]
-  assert summaries[1]["heldout_accuracy"] == pytest.approx(summaries[0]["heldout_accuracy"],
+  assert summaries[1]["heldout_paper_accuracy"] == pytest.approx(summaries[0]["heldout_paper_accuracy"],
                                                            abs=0.01)
   with open(two / "metrics.jsonl") as f:                   # written once, by process 0
     assert [json.loads(l)["step"] for l in f] == list(range(1, STEPS + 1))
