@@ -12,9 +12,10 @@ Variants:
   * ``full``: the paper recipe: MS1MV2 112x112, MobileFaceNet with the BN-Dropout-FC-BN head,
     batch 256, 20 epochs, lr 1e-3 divided by 10 at epochs 12, 15, 18, s = 64, ArcFace m = 0.5 /
     CosFace m = 0.35. Days on one GPU.
-  * ``demo``: the bundled ORL faces on a 2-core CPU in under 10 minutes.
+  * ``demo``: the bundled ORL faces on a 2-core CPU in about 4 minutes (K = 3).
   * ``lfw``: LFW in its own layout (``--config.data.root=DIR``): people of folds 1-5 and in no
-    pair train, the 3,000 pairs of folds 6-10 test; 6-35 minutes per model on a 2-core CPU.
+    pair train, the 3,000 pairs of folds 6-10 test; 3-10 minutes per model on a 2-core CPU
+    (AdvT longer: every step crafts its examples).
   * ``test``: a few seconds; tiny widths and 32x32 inputs.
 
 Hyper-parameter grids of the paper are plain overrides: ``--config.adp.beta=10``,
@@ -184,8 +185,9 @@ def base_config(loss: str, variant: str | None = None) -> ml_collections.ConfigD
     # LFW in its own layout (--config.data.root=DIR): train on the people of folds 1-5 and those
     # in no pair (>= 2 images: 826 people, 4,194 images), test on the 3,000 pairs of folds 6-10
     # (2,195 people never seen). The demo network on the central 110x110 face box at 64 px;
-    # measured on 2 CPU cores: srv_fdp (K = 3) 16.7 min, single 5.9 min for 600 steps (~9
-    # epochs); test accuracy 0.822 / 0.823 (InsightFace protocol, official folds 6-10).
+    # measured on 2 CPU cores (2026-11 kernels): K = 3 ensembles 9-10 min, single 2.9 min for
+    # 600 steps (~9 epochs); earlier kernels: srv_fdp 16.7 min, single 5.9 min; test accuracy
+    # 0.822 / 0.823 (InsightFace protocol, official folds 6-10).
     c.data.kind = "lfw"
     c.data.crop = (70, 70, 110, 110)
     c.data.max_shift = 4

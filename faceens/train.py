@@ -654,15 +654,16 @@ def _print_summary(summary: dict, workdir: str) -> None:
 
 def main(argv):
   del argv
-  FLAGS = sharding.initialize_job()  # noqa: N806
+  from absl import flags
   try:
-    c = FLAGS.config
+    c = flags.FLAGS.config
     c.get("method")  # a config file that failed to load raises on first use
   except OSError as e:
     raise _config_file_error(e) from None
-  if FLAGS.print_config:
+  if flags.FLAGS.print_config:  # before joining any multi-process run
     print("\n".join(f"{k} = {v!r}" for k, v in configs.flat_fields(c)))
     return
+  FLAGS = sharding.initialize_job()  # noqa: N806
   if not FLAGS.workdir:
     raise SystemExit("error: --workdir is required (the run's output folder), e.g. "
                      "--workdir=runs/demo")

@@ -2,7 +2,7 @@
 
   python -m faceens.train --config=experiments/arcface_baseline.py:demo --workdir=runs/arcface_baseline
 
-2 CPU cores: demo about 7 min, lfw about 17 min. Variants and commands: faceens/configs.py.
+2 CPU cores: demo about 4 min, lfw about 10 min. Variants and commands: faceens/configs.py.
 """
 
 from faceens import configs

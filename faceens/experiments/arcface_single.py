@@ -2,7 +2,7 @@
 
   python -m faceens.train --config=experiments/arcface_single.py:demo --workdir=runs/arcface_single
 
-2 CPU cores: demo about 3 min, lfw about 6 min. Variants and commands: faceens/configs.py.
+2 CPU cores: demo about 3 min, lfw about 3 min. Variants and commands: faceens/configs.py.
 """
 
 from faceens import configs

@@ -2,7 +2,7 @@
 
   python -m faceens.train --config=experiments/arcface_srv_adp.py:demo --workdir=runs/arcface_srv_adp
 
-Paper grid: --config.adp.beta=10 or 50. 2 CPU cores: demo about 7 min, lfw about 17 min. Variants
+Paper grid: --config.adp.beta=10 or 50. 2 CPU cores: demo about 4 min, lfw about 10 min. Variants
 and commands: faceens/configs.py.
 """
 
