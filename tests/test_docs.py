@@ -99,7 +99,9 @@ def test_docs_command_is_accepted(doc, cmd):
     if flag.startswith("config."):
       continue  # checked against the config below
     base = flag[2:] if flag.startswith("no") and f"--[no]{flag[2:]}" in help_text else flag
-    assert re.search(rf"--(\[no\])?{re.escape(base)}\b", help_text), \
+    # absl lists "  --[no]name: help", argparse "  --name VALUE  help" at the start of a line.
+    assert re.search(rf"^\s+(--\S+, )?--(\[no\])?{re.escape(base)}(:|\s|,|$)", help_text,
+                     re.M), \
         f"{doc}: {cmd!r} uses --{flag}, which {name} does not take"
   if name == "faceens.train":
     r = subprocess.run([sys.executable, "-m", name, *args, "--print_config"], cwd=REPO,

@@ -3,7 +3,7 @@
 Writes ``train.rec``, ``train.idx`` and ``property`` readable by InsightFace (mxnet) and by
 ``faceens.data.recordio``. Identities are the sorted sub-folders of ``--images``; each image is
 fitted to ``--size`` (``--fit``: pad, crop or stretch) and stored as JPEG (``--quality``), or,
-with ``--keep-bytes``, stored exactly as the file is (it must be a JPEG or PNG already).
+with ``--keep_bytes``, stored exactly as the file is (it must be a JPEG or PNG already).
 ``--reindex --rec FILE`` writes a missing ``.idx`` for an existing ``.rec`` instead.
 """
 
@@ -35,8 +35,8 @@ def encode_file(path: str, size: int, fit: str = "pad", quality: int = 95,
   with open(path, "rb") as f:
     data = f.read()
   if not (data[:3] == b"\xff\xd8\xff" or data[:8] == b"\x89PNG\r\n\x1a\n"):
-    raise DataError(f"{path}: --keep-bytes stores files as they are, which needs JPEG or PNG; "
-                    "drop --keep-bytes to re-encode it as JPEG")
+    raise DataError(f"{path}: --keep_bytes stores files as they are, which needs JPEG or PNG; "
+                    "drop --keep_bytes to re-encode it as JPEG")
   return data
 
 
