@@ -12,7 +12,9 @@ Stages (``--stages``, default all, in this order):
     LFW folds 6-10. Seeds first, in order: an interrupted suite has whole seeds.
   * ``export``: each finished run's clean results, kept with the report so that they outlive the
     run directories: ``--out/per_run/<run>/run.json`` (method, seed, margin, the resolved config,
-    training summary, LFW test metrics, provenance) and ``test_pairs.npz`` (per-pair distances of
+    training summary, LFW test metrics, thresholds calibrated to common false-accept rates on
+    random different-person pairs of the test people (``reproduce_attacks.calibrate``),
+    provenance) and ``test_pairs.npz`` (per-pair distances of
     the 3,000 test pairs under both protocols, members too, labels, folds). Safe to run beside a
     training process: it only reads finished runs.
   * ``attack``: white-box LOTS attacks on every run over the same fixed different-person pairs of
@@ -213,15 +215,18 @@ def export_run(suite: Suite, run) -> str | None:
   with open(os.path.join(w, "summary.json")) as f:
     summary = json.load(f)
   done = reproduce_attacks.load_json(os.path.join(dest, "run.json"))
-  if done is not None and done.get("summary") == summary and os.path.isfile(
-      os.path.join(dest, "test_pairs.npz")):
+  if done is not None and done.get("summary") == summary and "calibration" in done and \
+      os.path.isfile(os.path.join(dest, "test_pairs.npz")):
     return dest
   os.makedirs(dest, exist_ok=True)
   att = os.path.join(w, "suite_attacks")
   os.makedirs(att, exist_ok=True)
-  tp = reproduce_attacks.test_pair_distances(api.load(w), att)
+  model = api.load(w)
+  tp = reproduce_attacks.test_pair_distances(model, att)
   with open(tp, "rb") as src, open(os.path.join(dest, "test_pairs.npz"), "wb") as out:
     out.write(src.read())
+  plan = reproduce_attacks.plan_for(suite)
+  cal = reproduce_attacks.calibrate(model, plan, reproduce_attacks.attack_pair_names(c, plan), att)
   with open(os.path.join(w, "eval.json")) as f:
     test = json.load(f)["datasets"]["lfw_test"]
   doc = {"run": suite.run_name(spec), "method": spec.method, "seed": spec.seed,
@@ -229,6 +234,7 @@ def export_run(suite: Suite, run) -> str | None:
          "config": configs.recipe(c), "summary": summary,
          "lfw_test": {k: test[k] for k in ("accuracy", "accuracy_std", "threshold", "roc_auc",
                                            "tar_at_far", "pairs", "paper")},
+         "calibration": cal,
          "trained_with": summary.get("provenance"), "exported_with": provenance.record()}
   with open(os.path.join(dest, "run.json"), "w") as f:
     json.dump(doc, f, indent=2)

@@ -20,13 +20,17 @@ weak models fall in two such steps, which makes tau curves step functions.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 
 import numpy as np
 
-from faceens import api, attack, evaluate
+from faceens import api, attack, calibration, evaluate
 from faceens.attacks import lots
+from faceens.data import image_folder
+from faceens.data import lfw as lfw_data
+from faceens.data.image_folder import load_image
 from faceens.models import ensemble
 
 
@@ -56,6 +60,11 @@ class Plan:
   white_box: tuple[str, ...] = ("ifgsm", "bim", "cw")
   adaptive: str = "ifgsm:members"   # on ensembles: every member's feature pulled at once
   batch_size: int = 256
+  # Common operating points: thresholds at these false-accept rates on n_impostor random
+  # different-person pairs of the test people (Euclidean on E(x), the attacks' protocol), the
+  # attack pairs left out.
+  fars: tuple[float, ...] = (1e-2, 1e-3)
+  n_impostor: int = 200_000
 
   def bim_equals_ifgsm(self) -> bool:
     """True when no sign-step example can leave BIM's L_inf ball: the two rules coincide."""
@@ -80,11 +89,18 @@ class Plan:
 
 
 SMOKE_PLAN = Plan(n_pairs=4, step_size=2.0 / 255, max_iters=12, cw_max_iters=12, chunk=4,
-                  distances=(1.0, 0.8), batch_size=16)  # 12 x 2/255 = 0.094: BIM derived too
+                  distances=(1.0, 0.8), batch_size=16, fars=(0.1, 0.01), n_impostor=500)  # 12 x 2/255 = 0.094: BIM derived too
 
 
 def file_name(attack_name: str) -> str:
   return attack_name.replace(":", "_")
+
+
+def attack_pair_names(c, plan: Plan) -> list[tuple]:
+  """``(name1, number1, name2, number2, fold)`` of the suite's attack pairs (no image loaded)."""
+  chosen = lfw_data.different_person_pairs(c.data.root, [f - 1 for f in c.data.lfw_test_folds],
+                                           plan.n_pairs, plan.seed)
+  return [(p.name1, p.index1, p.name2, p.index2, p.fold + 1) for p in chosen]
 
 
 def attack_pairs(c, plan: Plan) -> dict:
@@ -101,6 +117,61 @@ def load_json(path):
     with open(path) as f:
       return json.load(f)
   return None
+
+
+@functools.lru_cache(maxsize=2)
+def test_people_images(root: str, folds: tuple[int, ...], size: int, fit) -> tuple:
+  """``(images uint8 [N, S, S, 3], person ids [N], [(name, number), ...])``: every image of the
+  people in the official pairs of ``folds`` (1-based), fitted as the runs' inputs; loaded once
+  per process for all runs of a suite."""
+  pairs = lfw_data.read_pairs(os.path.join(root, "pairs.txt"))
+  names = sorted({n for p in pairs if p.fold + 1 in folds for n in (p.name1, p.name2)})
+  counts = lfw_data.people(root)
+  files = [(n, i) for n in names for i in range(1, counts.get(n, 0) + 1)]
+  images = np.stack([load_image(lfw_data.image_path(root, n, i), size, fit) for n, i in files])
+  person = {n: k for k, n in enumerate(names)}
+  return images, np.array([person[n] for n, _ in files]), files
+
+
+def calibrate(model, plan: Plan, attack_names, out_dir: str) -> dict:
+  """``calibration.json``: the run's thresholds at ``plan.fars`` (see ``Plan.fars``) and the
+  share of the attack pairs each accepts before any attack. Reused when it exists with the same
+  settings."""
+  path = os.path.join(out_dir, "calibration.json")
+  key = {"fars": list(plan.fars), "n_impostor": plan.n_impostor, "seed": plan.seed,
+         "n_pairs": plan.n_pairs}
+  done = load_json(path)
+  if done is not None and done.get("key") == key:
+    return done
+  c = model.config
+  images, person, files = test_people_images(c.data.root, tuple(c.data.lfw_test_folds),
+                                             c.data.image_size, image_folder.fit_spec(c))
+  index = {f: k for k, f in enumerate(files)}
+  exclude = [(index[(a, i)], index[(b, j)]) for a, i, b, j, _ in attack_names
+             if (a, i) in index and (b, j) in index]
+  pairs = calibration.impostor_pairs(person, plan.n_impostor, seed=plan.seed, exclude=exclude)
+  emb = model.embed(images)
+  d = np.linalg.norm(emb[pairs[:, 0]] - emb[pairs[:, 1]], axis=1)
+  ex = np.asarray(exclude, np.int64).reshape(-1, 2)
+  att = np.linalg.norm(emb[ex[:, 0]] - emb[ex[:, 1]], axis=1) if len(ex) else None
+  points = {}
+  for far in plan.fars:
+    t, emp = calibration.threshold_at_far(d, far)
+    points[f"{far:g}"] = {"threshold": t, "empirical_far": emp,
+                          "attack_pairs_accepted_clean": None if att is None
+                          else float(np.mean(att < t))}
+  doc = {"key": key, "protocol": "paper: Euclidean distance between ensemble embeddings, no flip",
+         "images": int(len(images)), "people": int(person.max() + 1),
+         "impostor_pairs": int(len(pairs)), "excluded_attack_pairs": len(exclude),
+         "operating_points": points,
+         "own_threshold": float(model.paper_threshold) if model.paper_threshold else None,
+         "own_threshold_far": (float(np.mean(d < model.paper_threshold))
+                               if model.paper_threshold else None),
+         "impostor_quantiles": {f"{q:g}": float(np.quantile(d, q))
+                                for q in (1e-4, 1e-3, 1e-2, 0.1, 0.5)}}
+  with open(path, "w") as f:
+    json.dump(doc, f, indent=2)
+  return doc
 
 
 def test_pair_distances(model, out_dir: str) -> str:

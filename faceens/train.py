@@ -642,11 +642,11 @@ def _print_summary(summary: dict, workdir: str) -> None:
       v = f"{v:.4f}"
     elif isinstance(v, list):
       v = "[" + ", ".join(f"{x:.4f}" for x in v) + "]"
-    print(f"{k:>24}: {v}")
+    print(f"{k:>30}: {v}")
   for name, r in (summary.get("eval") or {}).items():
-    print(f"{'eval ' + name:>24}: accuracy {r['insightface_accuracy']:.4f} (InsightFace), "
+    print(f"{'eval ' + name:>30}: accuracy {r['insightface_accuracy']:.4f} (InsightFace), "
           f"{r['paper_accuracy']:.4f} (paper)")
-  print(f"{'files':>24}: " + ", ".join(os.path.join(workdir, f) for f in
+  print(f"{'files':>30}: " + ", ".join(os.path.join(workdir, f) for f in
                                      ("summary.json", "eval.json", "metrics.jsonl", "config.json",
                                       "checkpoints/")))
   print("=" * 60)

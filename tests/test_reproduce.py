@@ -69,6 +69,14 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
       acc = verification.kfold_accuracy(z["insightface"], z["issame"].astype(bool),
                                         folds=z["fold"])[0]
     assert np.isclose(acc, run["lfw_test"]["accuracy"], atol=1e-9)
+    # Operating points on 500 impostor pairs of the 10 test people (40 images): FAR 0.1 and 0.01
+    # accept at most 50 and 5 of them.
+    cal = run["calibration"]
+    assert (cal["images"], cal["people"], cal["impostor_pairs"]) == (40, 10, 500)
+    for far, point in cal["operating_points"].items():
+      assert point["empirical_far"] <= float(far)
+    t = [cal["operating_points"][f]["threshold"] for f in ("0.1", "0.01")]
+    assert t[0] >= t[1]
   assert res["transfer"] is not None and set(res["transfer"]["targets"]) == {"srv_fdp"}
   assert os.path.isfile(out / "tau_ifgsm.png") and os.path.isfile(out / "transfer.png")
 

@@ -124,3 +124,33 @@ def test_kfold_accuracy_with_explicit_folds_matches_hand_computation():
     verification.kfold_accuracy(dist, issame, folds=folds[:3])
   with pytest.raises(ValueError, match="at least 2 distinct fold ids"):
     verification.kfold_accuracy(dist, issame, folds=np.zeros(8))
+
+
+def test_threshold_at_far_hand_computed():
+  from faceens import calibration
+  d = np.array([0.9, 0.1, 0.5, 0.3, 0.7, 0.2, 0.6, 0.4, 0.8, 1.0])
+  # FAR 0.2 of 10 pairs: at most 2 accepted; the 3rd smallest (0.3) accepts 0.1 and 0.2.
+  assert calibration.threshold_at_far(d, 0.2) == (0.3, 0.2)
+  # FAR 0.05: floor(0.5) = 0 pairs: the smallest distance, which accepts none.
+  assert calibration.threshold_at_far(d, 0.05) == (0.1, 0.0)
+  # Ties: 0.5 appears three times; at most 4 accepted -> threshold d[4] = 0.5 accepts 3.
+  tied = np.array([0.1, 0.2, 0.3, 0.5, 0.5, 0.5, 0.9, 1.0, 1.1, 1.2])
+  assert calibration.threshold_at_far(tied, 0.4) == (0.5, 0.3)
+  with pytest.raises(ValueError, match="far must be in"):
+    calibration.threshold_at_far(d, 0.0)
+
+
+def test_impostor_pairs_are_distinct_different_people_and_exclude():
+  from faceens import calibration
+  labels = np.array([0, 0, 1, 1, 2, 2, 3])
+  exclude = [(2, 0), (6, 4)]
+  p = calibration.impostor_pairs(labels, 10, seed=3, exclude=exclude)
+  assert p.shape == (10, 2) and np.all(p[:, 0] < p[:, 1])
+  assert np.all(labels[p[:, 0]] != labels[p[:, 1]])
+  assert len({tuple(r) for r in p.tolist()}) == 10
+  assert not {(0, 2), (4, 6)} & {tuple(r) for r in p.tolist()}
+  # 7 items: 21 pairs, 3 same-person, 2 excluded: 16 impostor pairs in all.
+  assert len(calibration.impostor_pairs(labels, 16, seed=0, exclude=exclude)) == 16
+  with pytest.raises(ValueError, match="have 16"):
+    calibration.impostor_pairs(labels, 17, exclude=exclude)
+  np.testing.assert_array_equal(p, calibration.impostor_pairs(labels, 10, seed=3, exclude=exclude))
