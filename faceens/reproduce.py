@@ -17,7 +17,10 @@ Stages (``--stages``, default all, in this order):
     provenance) and ``test_pairs.npz`` (per-pair distances of
     the 3,000 test pairs under both protocols, members too, labels, folds). Safe to run beside a
     training process: it only reads finished runs.
-  * ``attack``: white-box LOTS attacks on every run over the same fixed different-person pairs of
+  * ``robustness``: suite v2's white-box attacks at the common operating points, the worst case
+    over attacks per pair and fixed-budget robust accuracy (``faceens.reproduce_robustness``),
+    into ``--out/per_run/<run>/robustness.*``.
+  * ``attack``: the first report's white-box LOTS attacks on every run over the same fixed different-person pairs of
     folds 6-10, black-box transfer from the single model, an adaptive attack on the ensembles
     (``faceens.reproduce_attacks``); per-run results in ``--runs/<run>/suite_attacks``.
   * ``report``: ``REPORT.md``, figures and ``results.json`` in ``--out``
@@ -41,10 +44,11 @@ import ml_collections
 
 import jax
 
-from faceens import api, configs, logs, losses, provenance, reproduce_attacks, reproduce_report, train
+from faceens import (api, configs, logs, losses, provenance, reproduce_attacks, reproduce_report,
+                     reproduce_robustness, train)
 
 SUITES = ("lfw",)
-STAGES = ("train", "export", "attack", "report")
+STAGES = ("train", "export", "robustness", "attack", "report")
 ARCFACE_METHODS = ("single", "baseline", "adp", "fdp", "srv", "srv_adp", "srv_fdp", "advt")
 SMOKE_METHODS = ("single", "srv_fdp")
 DEFAULT_SEEDS = (0, 1, 2)
@@ -254,6 +258,26 @@ def export_all(suite: Suite, progress: bool = True) -> list[str]:
   return out
 
 
+def robustness_stage(suite: Suite, progress: bool = True) -> list[str]:
+  """``reproduce_robustness.robustness_all`` over the suite's finished runs (exported first)."""
+  plan = reproduce_attacks.plan_for(suite)
+  pairs = {}
+
+  def pairs_for(c):
+    if not pairs:
+      pairs.update(reproduce_attacks.attack_pairs(c, plan))
+    return pairs
+
+  def calibration_for(run):
+    with open(os.path.join(export_run(suite, run), "run.json")) as f:
+      return json.load(f)["calibration"]
+
+  trained = lambda: [r for r in suite.runs()  # noqa: E731
+                     if is_trained(suite.workdir(r), run_config(suite, r))]
+  return reproduce_robustness.robustness_all(suite, lambda r: export_dir(suite, r), trained,
+                                             pairs_for, calibration_for, progress=progress)
+
+
 def trained_configs(suite: Suite) -> dict:
   """``{method: config}`` of the suite's finished runs, in the suite's order."""
   out = {}
@@ -320,6 +344,8 @@ def main(argv):
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     if "export" in stages:
       export_all(suite)
+    if "robustness" in stages:
+      robustness_stage(suite)
     if "attack" in stages:
       reproduce_attacks.attack_all(suite, lambda: trained_configs(suite))
     if "report" in stages:

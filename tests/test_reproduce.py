@@ -77,6 +77,19 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
       assert point["empirical_far"] <= float(far)
     t = [cal["operating_points"][f]["threshold"] for f in ("0.1", "0.01")]
     assert t[0] >= t[1]
+    # The robustness stage at both operating points: every attack on the 4 pairs, the per-pair
+    # worst case recomputable from the stored per-attack results.
+    rob = json.loads((out / "per_run" / f"arcface_{m}_s0" / "robustness.json").read_text())
+    assert set(rob["operating_points"]) == {"0.1", "0.01"}
+    with np.load(out / "per_run" / f"arcface_{m}_s0" / "robustness.npz") as z:
+      for far, point in rob["operating_points"].items():
+        assert set(point["attacks"]) == {"ifgsm", "cw", "bim", "pgd_4"}
+        assert point["pre_accepted"] + point["attacked"] == 4
+        l2 = np.stack([np.where(z[f"{far}/{a}/success"], z[f"{far}/{a}/l2"], np.inf)
+                       for a in point["attacks"]]).min(axis=0)
+        l2 = np.where(z[f"{far}/pre_accepted"], 0.0, l2)
+        np.testing.assert_array_equal(l2, z[f"{far}/worst_case_l2"])
+        assert point["robust_accuracy_l2"]["2"] == np.mean(l2 > 2.0)
   assert res["transfer"] is not None and set(res["transfer"]["targets"]) == {"srv_fdp"}
   assert os.path.isfile(out / "tau_ifgsm.png") and os.path.isfile(out / "transfer.png")
 

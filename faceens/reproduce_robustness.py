@@ -1,0 +1,233 @@
+"""The robustness stage of ``faceens.reproduce`` (suite v2): white-box attacks at common
+operating points, the worst case over attacks, and fixed-budget robust accuracy.
+
+For every finished run, on the suite's attack pairs (``reproduce_attacks.attack_pairs``: the
+same different-person pairs of LFW's test folds for every run) and at each operating point of
+its calibration (``reproduce_attacks.calibrate``: the thresholds at which the run accepts
+``far`` of random different-person pairs of the test people), ``RobustPlan``'s attacks:
+
+  * ``ifgsm``: minimal-norm sign steps (LOTS' I-FGSM) until the pair is accepted;
+  * ``cw``: Carlini-Wagner L2, run until its best successful L2 stops improving
+    (``cw_patience`` iterations) or ``cw_max_iters``;
+  * ``bim``: the paper's bounded iterative method, sign steps projected onto an L_inf ball of
+    ``bim_epsilon``: the paper's epsilon 0.1 is taken to be on arcface_torch's [-1, 1] input
+    scale (the paper does not say), i.e. 0.05 on our [0, 1] pixels, 12.75 grey levels;
+  * ``pgd``: fixed-budget L_inf PGD at each of ``pgd_budgets`` with ``pgd_restarts`` random
+    starts: a pair is broken at a budget if any restart reaches the goal inside it.
+
+Per pair and attack: L2, L_inf, success, iterations, clean and final distance. Pairs the run
+accepts before any perturbation (``pre_accepted``) count as broken with a perturbation of 0.
+Per pair, ``worst_case_l2`` is the smallest L2 of any successful example of any attack (inf if
+none succeeded), the headline robustness number; robust accuracy under an L2 budget follows from
+it, under an L_inf budget from every successful example's L_inf (PGD's included). The
+gradient-masking check counts the pairs that PGD breaks inside a budget where no minimal-norm
+attack found an example that small.
+
+Results go to ``<out>/per_run/<run>/robustness.json`` (summary, curves) and
+``robustness.npz`` (per-pair arrays), so they outlive the run directories.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from faceens import api, attack
+from faceens.attacks import lots
+from faceens.models import ensemble
+
+
+@dataclasses.dataclass(frozen=True)
+class RobustPlan:
+  """Every setting of the stage (stored beside each result; a change reruns it)."""
+  step_size: float = 1.0 / 10200       # I-FGSM: the first report's fine sign step
+  max_iters: int = 1000
+  cw_lr: float = 0.005
+  cw_c: float = 0.1
+  cw_patience: int = 30                # "until it stops improving"
+  cw_max_iters: int = 1000
+  bim_epsilon: float = 0.05            # the paper's 0.1 on [-1, 1] inputs (see the docstring)
+  bim_step: float = 1.0 / 255
+  bim_max_iters: int = 200
+  pgd_budgets: tuple[float, ...] = (1.0 / 255, 2.0 / 255, 4.0 / 255)
+  pgd_restarts: int = 5
+  pgd_steps: int = 20                  # per restart, step = budget / 4
+  l2_budgets: tuple[float, ...] = tuple(float(v) for v in np.round(np.geomspace(0.05, 2.0, 12), 4))
+  linf_budgets: tuple[float, ...] = (0.5 / 255, 1.0 / 255, 2.0 / 255, 4.0 / 255, 8.0 / 255)
+  chunk: int = 8
+  batch_size: int = 256
+
+  def configs(self) -> dict[str, lots.AttackConfig]:
+    out = {"ifgsm": lots.AttackConfig(method="ifgsm", step_size=self.step_size,
+                                      max_iters=self.max_iters),
+           "cw": lots.AttackConfig(method="cw", cw_lr=self.cw_lr, cw_c=self.cw_c,
+                                   cw_patience=self.cw_patience, max_iters=self.cw_max_iters),
+           "bim": lots.AttackConfig(method="bim", step_size=self.bim_step,
+                                    epsilon=self.bim_epsilon, max_iters=self.bim_max_iters)}
+    for b in self.pgd_budgets:
+      out[f"pgd_{b * 255:g}"] = lots.AttackConfig(method="pgd", epsilon=b, step_size=b / 4,
+                                                  max_iters=self.pgd_steps)
+    return {k: v.validate() for k, v in out.items()}
+
+  def as_dict(self) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+SMOKE_ROBUST_PLAN = RobustPlan(step_size=2.0 / 255, max_iters=12, cw_max_iters=12, cw_patience=3,
+                               bim_max_iters=6, pgd_budgets=(4.0 / 255,), pgd_restarts=2,
+                               pgd_steps=4, chunk=4, batch_size=16)
+
+
+def _one_attack(model, x_src, emb_t, goal, cfg, plan: RobustPlan, seed: int, progress, desc):
+  r = attack.run_compacted(model, x_src, emb_t, goal, cfg, chunk=plan.chunk,
+                           max_batch=plan.batch_size, seed=seed, progress=progress, desc=desc)
+  return {k: np.asarray(r[k]) for k in ("l2", "linf", "success", "iterations", "distance")} | {
+      "seconds": float(r["seconds"])}
+
+
+def _pgd(model, x_src, emb_t, goal, cfg, plan: RobustPlan, progress, desc):
+  """``pgd_restarts`` random starts; per pair the least-L2 success (or the last restart)."""
+  best = None
+  seconds = 0.0
+  for k in range(plan.pgd_restarts):
+    r = _one_attack(model, x_src, emb_t, goal, cfg, plan, seed=1000 + k, progress=progress,
+                    desc=f"{desc} restart {k + 1}")
+    seconds += r["seconds"]
+    if best is None:
+      best = r
+      continue
+    better = r["success"] & (~best["success"] | (r["l2"] < best["l2"]))
+    for key in ("l2", "linf", "success", "distance"):
+      best[key] = np.where(better, r[key], best[key])
+    best["iterations"] = best["iterations"] + r["iterations"]  # the work spent on the pair
+  best["seconds"] = seconds
+  return best
+
+
+def worst_case_l2(per_attack: dict, pre_accepted) -> np.ndarray:
+  """Per pair, the smallest L2 of a successful example over ``per_attack`` (``{name: {"l2",
+  "success"}}``); 0 where the pair is accepted clean, inf where no attack succeeded."""
+  n = len(pre_accepted)
+  best = np.full(n, np.inf)
+  for r in per_attack.values():
+    best = np.where(r["success"] & (r["l2"] < best), r["l2"], best)
+  return np.where(pre_accepted, 0.0, best)
+
+
+def robust_accuracy_l2(worst: np.ndarray, budgets) -> list[float]:
+  """Share of the pairs still rejected under each L2 budget: worst-case L2 above the budget
+  (an example of exactly the budget's size breaks the pair)."""
+  return [float(np.mean(worst > b)) for b in budgets]
+
+
+def robust_accuracy_linf(per_attack: dict, pre_accepted, budgets) -> list[float]:
+  """Share of the pairs with no successful example of L_inf <= budget (any attack)."""
+  out = []
+  for b in budgets:
+    broken = np.asarray(pre_accepted, bool).copy()
+    for r in per_attack.values():
+      broken |= r["success"] & (r["linf"] <= b + 1e-7)
+    out.append(float(np.mean(~broken)))
+  return out
+
+
+def attack_run(model, pairs: dict, calibration_doc: dict, plan: RobustPlan, out_dir: str,
+               progress: bool = True) -> dict:
+  """The stage on one run (see the module docstring); reused when done with the same plan."""
+  path = os.path.join(out_dir, "robustness.json")
+  key = {"plan": plan.as_dict(), "step": model.step, "pairs": pairs["names"],
+         "operating_points": {f: p["threshold"]
+                              for f, p in calibration_doc["operating_points"].items()}}
+  if os.path.isfile(path):
+    with open(path) as f:
+      done = json.load(f)
+    if done.get("key") == json.loads(json.dumps(key)):
+      return done
+  x_src, x_tgt = model.prepare(pairs["src"]), model.prepare(pairs["tgt"])
+  emb_t = ensemble.ensemble_embedding(model.member_features(x_tgt))
+  d0 = np.linalg.norm(model.embed(x_src) - emb_t, axis=1)
+  n = len(x_src)
+  arrays, summary = {"clean_distance": d0}, {}
+  for far, point in calibration_doc["operating_points"].items():
+    goal = float(point["threshold"])
+    pre = d0 < goal
+    todo = np.flatnonzero(~pre)
+    per_attack = {}
+    for name, cfg in plan.configs().items():
+      desc = f"{model.config.method} FAR {far} {name}"
+      if not len(todo):
+        r = {"l2": np.zeros(0), "linf": np.zeros(0), "success": np.zeros(0, bool),
+             "iterations": np.zeros(0, np.int64), "distance": np.zeros(0), "seconds": 0.0}
+      elif name.startswith("pgd"):
+        r = _pgd(model, x_src[todo], emb_t[todo], goal, cfg, plan, progress, desc)
+      else:
+        r = _one_attack(model, x_src[todo], emb_t[todo], goal, cfg, plan, seed=0,
+                        progress=progress, desc=desc)
+      full = {"l2": np.full(n, np.nan), "linf": np.full(n, np.nan),
+              "success": np.zeros(n, bool), "iterations": np.zeros(n, np.int64),
+              "distance": d0.copy()}
+      for k in full:
+        full[k][todo] = r[k]
+      per_attack[name] = full
+      for k, v in full.items():
+        arrays[f"{far}/{name}/{k}"] = v
+      ok = full["success"][todo]
+      summary.setdefault(far, {"threshold": goal, "pre_accepted": int(pre.sum()),
+                               "attacked": int(len(todo)), "attacks": {}})
+      summary[far]["attacks"][name] = {
+          "config": dataclasses.asdict(cfg), "success_rate": float(ok.mean()) if len(todo) else None,
+          "l2_median": float(np.median(full["l2"][todo][ok])) if ok.any() else None,
+          "iterations_median": float(np.median(full["iterations"][todo])) if len(todo) else None,
+          "hit_cap": int(np.sum(full["iterations"][todo] >= cfg.max_iters * (
+              plan.pgd_restarts if name.startswith("pgd") else 1))),
+          "seconds": r["seconds"]}
+      if progress:
+        s = summary[far]["attacks"][name]
+        print(f"  FAR {far} {name}: success {s['success_rate']}, median L2 {s['l2_median']}, "
+              f"{s['seconds']:.0f} s", flush=True)
+    worst = worst_case_l2(per_attack, pre)
+    minimal = {k: v for k, v in per_attack.items() if not k.startswith("pgd")}
+    masking = {}
+    for b in plan.pgd_budgets:
+      by_pgd = per_attack[f"pgd_{b * 255:g}"]["success"]
+      by_minimal = np.zeros(n, bool)
+      for r in minimal.values():
+        by_minimal |= r["success"] & (r["linf"] <= b + 1e-7)
+      masking[f"{b * 255:g}/255"] = int(np.sum(by_pgd & ~by_minimal & ~pre))
+    arrays[f"{far}/worst_case_l2"] = worst
+    arrays[f"{far}/pre_accepted"] = pre
+    summary[far].update({
+        "worst_case_l2_median": float(np.median(worst)),
+        "robust_accuracy_l2": dict(zip([f"{b:g}" for b in plan.l2_budgets],
+                                       robust_accuracy_l2(worst, plan.l2_budgets))),
+        "robust_accuracy_linf": dict(zip([f"{b * 255:g}/255" for b in plan.linf_budgets],
+                                         robust_accuracy_linf(per_attack, pre,
+                                                              plan.linf_budgets))),
+        "pgd_breaks_missed_by_minimal_norm": masking})
+  np.savez_compressed(os.path.join(out_dir, "robustness.npz"), **arrays)
+  doc = {"key": key, "pairs": int(n), "operating_points": summary}
+  with open(path, "w") as f:
+    json.dump(doc, f, indent=2)
+  return doc
+
+
+def robustness_all(suite, export_dir, trained_runs, pairs_for, calibration_for,
+                   progress: bool = True) -> list[str]:
+  """The stage over every finished run of ``suite`` (``trained_runs()``: their specs, asked again
+  after each run so runs finishing meanwhile are attacked too); returns the runs done."""
+  plan = SMOKE_ROBUST_PLAN if suite.smoke else RobustPlan()
+  done: list = []
+  while True:
+    todo = [r for r in trained_runs() if r not in done]
+    if not todo:
+      return [suite.run_name(r) for r in done]
+    run = todo[0]
+    if progress:
+      print(f"robustness: {suite.run_name(run)}", flush=True)
+    model = api.load(suite.workdir(run))
+    attack_run(model, pairs_for(model.config), calibration_for(run), plan, export_dir(run),
+               progress=progress)
+    done.append(run)
