@@ -24,7 +24,8 @@ Stages (``--stages``, default all, in this order):
     folds 6-10, black-box transfer from the single model, an adaptive attack on the ensembles
     (``faceens.reproduce_attacks``); per-run results in ``--runs/<run>/suite_attacks``.
   * ``report``: ``REPORT.md``, figures and ``results.json`` in ``--out``
-    (``faceens.reproduce_report``).
+    (``faceens.reproduce_report``, the first report's), and suite v2's ``REPORT_v2.md`` and
+    ``results_v2.json`` from ``--out/per_run`` alone (``faceens.reproduce_summary``).
 
 ``--smoke`` runs the whole pipeline on two methods with tiny models and a few steps.
 """
@@ -45,7 +46,7 @@ import ml_collections
 import jax
 
 from faceens import (api, configs, logs, losses, provenance, reproduce_attacks, reproduce_report,
-                     reproduce_robustness, train)
+                     reproduce_robustness, reproduce_summary, train)
 
 SUITES = ("lfw",)
 STAGES = ("train", "export", "robustness", "attack", "report")
@@ -351,6 +352,7 @@ def main(argv):
     if "report" in stages:
       path = reproduce_report.write_report(suite)
       print(f"wrote {path}")
+      print(f"wrote {reproduce_summary.write(suite.out)}")
     print(f"suite stages {','.join(stages)} took {(time.perf_counter() - t0) / 60:.1f} min")
   except (ValueError, FileNotFoundError) as e:
     raise SystemExit(f"error: {e}") from None

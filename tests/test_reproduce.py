@@ -90,6 +90,15 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
         l2 = np.where(z[f"{far}/pre_accepted"], 0.0, l2)
         np.testing.assert_array_equal(l2, z[f"{far}/worst_case_l2"])
         assert point["robust_accuracy_l2"]["2"] == np.mean(l2 > 2.0)
+  # Suite v2's report, from per_run/ alone: both operating points, a verdict per claim.
+  v2 = json.loads((out / "results_v2.json").read_text())
+  assert set(v2["claims"]) == {"0.1", "0.01"} and set(v2["methods"]) == {"single", "srv_fdp"}
+  verdicts = {c["claim"]: c["verdict"] for c in v2["claims"]["0.01"]}
+  assert verdicts["SRV alone enhances robustness over the single model"] == "not run"
+  assert verdicts["SRV+FDP is the most robust of the ensembles (and beats the single model)"] in (
+      "supported", "contradicted", "cannot tell")
+  assert v2["accuracy_vs_single"]["srv_fdp"]["verdict"] in ("no loss", "loss", "cannot tell")
+  assert "## Robustness at FAR 0.01" in (out / "REPORT_v2.md").read_text()
   assert res["transfer"] is not None and set(res["transfer"]["targets"]) == {"srv_fdp"}
   assert os.path.isfile(out / "tau_ifgsm.png") and os.path.isfile(out / "transfer.png")
 

@@ -31,3 +31,40 @@ def test_plan_attacks_and_budgets():
   assert cfgs["bim"].epsilon == 0.05 and plan.bim_max_iters * plan.bim_step > plan.bim_epsilon
   assert cfgs["pgd_2"].epsilon == 2 / 255 and cfgs["pgd_2"].step_size == 0.5 / 255
   assert plan.l2_budgets[0] == 0.05 and plan.l2_budgets[-1] == 2.0
+
+
+def test_hierarchical_bootstrap_by_hand():
+  from faceens import reproduce_summary as rs
+  b = np.array([[0.0, 1.0, 2.0, 3.0, 4.0]])
+  # A = B + 1 on every pair: every resample of the shared pairs differs by exactly 1.
+  d = rs.robustness_difference(b + 1.0, b, n=200)
+  assert (d["difference"], d["lo"], d["hi"]) == (1.0, 1.0, 1.0)
+  assert rs.robustness_verdict(d) == "more robust"
+  d = rs.robustness_difference(b, b, n=200)
+  assert (d["lo"], d["hi"]) == (0.0, 0.0) and rs.robustness_verdict(d).startswith("equivalent")
+  # Two seeds of A at 1 and 3 against one of B at 2: the mean matches (difference 0), but
+  # resampling A's seeds gives -1, 0 or +1: seed variance makes it "cannot tell".
+  a = np.array([[1.0] * 5, [3.0] * 5])
+  d = rs.robustness_difference(a, np.full((1, 5), 2.0), n=400)
+  assert d["difference"] == 0.0 and (d["lo"], d["hi"]) == (-1.0, 1.0)
+  assert rs.robustness_verdict(d) == "cannot tell"
+  # Infinite worst cases (no attack succeeded) are robust beyond any finite one.
+  inf = np.array([[np.inf] * 5])
+  assert rs.robustness_verdict(rs.robustness_difference(inf, b, n=100)) == "more robust"
+
+
+def test_accuracy_difference_matches_the_protocol():
+  from faceens import reproduce_summary as rs
+  from faceens import verification
+  rng = np.random.default_rng(0)
+  issame = np.tile([True, False], 50)
+  fold = np.repeat(np.arange(1, 6), 20)
+
+  def run(sep):
+    d = np.where(issame, rng.uniform(0.0, 1.0, 100), rng.uniform(1.0 - sep, 2.0, 100))
+    return {"test_pairs": {"insightface": d, "issame": issame.astype(int), "fold": fold}}
+  a, b = [run(0.0)], [run(0.6), run(0.6)]
+  d = rs.accuracy_difference(a, b, n=50)
+  acc = lambda r: verification.kfold_accuracy(r["test_pairs"]["insightface"], issame, folds=fold)[0]  # noqa: E731
+  assert np.isclose(d["difference"], acc(a[0]) - np.mean([acc(r) for r in b]))
+  assert d["lo"] <= d["difference"] <= d["hi"] and d["seeds"] == [1, 2]

@@ -1,0 +1,305 @@
+"""Suite v2's report: ``REPORT_v2.md`` and ``results_v2.json`` from the exported per-run results
+alone (``<out>/per_run/<run>/``: ``run.json``, ``test_pairs.npz``, ``robustness.json`` /
+``.npz``), so it can be rewritten in any checkout, without the run directories.
+
+Statistics (fixed before looking at any result):
+
+  * a method's robustness at an operating point: the mean over its training seeds of the median
+    over the attack pairs of the per-pair worst-case L2 (pairs accepted clean count as 0, pairs
+    no attack broke as infinite); its clean accuracy: the mean over seeds of the official-fold
+    accuracy (InsightFace protocol) on the 3,000 test pairs;
+  * intervals: 95% hierarchical bootstrap, seeds resampled within each method, then the pairs
+    (the same resampled pairs for both sides of a comparison: the attack pairs are common to all
+    runs; test pairs within their official folds);
+  * verdicts on a difference A - B: ``more robust`` (interval above 0), ``less robust`` (below 0),
+    ``equivalent`` (inside +-``L2_MARGIN``), else ``cannot tell``; for accuracy, ``no loss``
+    when the interval's lower end is above -``ACCURACY_MARGIN``, ``loss`` when its upper end is
+    below it, else ``cannot tell``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from faceens import provenance, verification
+
+L2_MARGIN = 0.02          # L2 in [0, 1] pixels at 64x64x3 (one sign step of 1/255 moves 0.43)
+ACCURACY_MARGIN = 0.01    # one percentage point
+BOOTSTRAP = 2000
+ACC_BOOTSTRAP = 300
+LABELS = {"single": "single", "baseline": "baseline", "adp": "ADP", "fdp": "FDP", "srv": "SRV",
+          "srv_adp": "SRV+ADP", "srv_fdp": "SRV+FDP", "advt": "AdvT (m 0.6)"}
+ENSEMBLES = ("baseline", "adp", "fdp", "srv", "srv_adp")
+
+
+def method_key(run: dict) -> str:
+  """``advt`` at the experiment's margin 0.6, ``advt_m1.4`` at another; else the method."""
+  m = run["method"]
+  if m == "advt" and run.get("advt_margin") not in (None, 0.6):
+    return f"advt_m{run['advt_margin']:g}"
+  return m
+
+
+def label(key: str) -> str:
+  return LABELS.get(key) or (f"AdvT (m {key.split('_m')[1]})" if key.startswith("advt_m") else key)
+
+
+def load_runs(out: str) -> list[dict]:
+  """Every exported run under ``out/per_run`` with its arrays (robustness may be missing)."""
+  root = os.path.join(out, "per_run")
+  runs = []
+  for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+    d = os.path.join(root, name)
+    path = os.path.join(d, "run.json")
+    if not os.path.isfile(path):
+      continue
+    with open(path) as f:
+      run = json.load(f)
+    with np.load(os.path.join(d, "test_pairs.npz")) as z:
+      run["test_pairs"] = {k: z[k] for k in z.files}
+    run["robustness"] = None
+    if os.path.isfile(os.path.join(d, "robustness.json")):
+      with open(os.path.join(d, "robustness.json")) as f:
+        run["robustness"] = json.load(f)
+      with np.load(os.path.join(d, "robustness.npz")) as z:
+        run["robustness_arrays"] = {k: z[k] for k in z.files}
+    runs.append(run)
+  return runs
+
+
+def _interval(stats: np.ndarray) -> tuple[float, float]:
+  """2.5% / 97.5% order statistics (inf-safe; nan, i.e. inf - inf, counts as 0)."""
+  s = np.sort(np.where(np.isnan(stats), 0.0, stats))
+  n = len(s)
+  return float(s[int(0.025 * n)]), float(s[int(np.ceil(0.975 * n)) - 1])
+
+
+def robustness_difference(a: np.ndarray, b: np.ndarray, n: int = BOOTSTRAP, seed: int = 0) -> dict:
+  """``a`` ``[S_a, P]``, ``b`` ``[S_b, P]``: per-seed, per-pair worst-case L2 of two methods on
+  the same pairs. Mean over seeds of the median over pairs, A - B, with the hierarchical
+  bootstrap interval (seeds within each method, then pairs, shared by both)."""
+  def stat(x):
+    return float(np.mean(np.median(x, axis=1)))
+  rng = np.random.default_rng(seed)
+  p = a.shape[1]
+  diffs = np.empty(n)
+  with np.errstate(invalid="ignore"):
+    for i in range(n):
+      sa = a[rng.integers(0, len(a), len(a))]
+      sb = b[rng.integers(0, len(b), len(b))]
+      idx = rng.integers(0, p, p)
+      diffs[i] = stat(sa[:, idx]) - stat(sb[:, idx])
+    diff = stat(a) - stat(b)
+  lo, hi = _interval(diffs)
+  return {"difference": 0.0 if np.isnan(diff) else diff, "lo": lo, "hi": hi,
+          "seeds": [int(len(a)), int(len(b))], "pairs": int(p)}
+
+
+def accuracy_difference(a: list[dict], b: list[dict], n: int = ACC_BOOTSTRAP, seed: int = 0) -> dict:
+  """Mean official-fold accuracy (InsightFace protocol) of the runs ``a`` minus that of ``b``,
+  with the hierarchical bootstrap (seeds, then test pairs within folds, shared)."""
+  issame = a[0]["test_pairs"]["issame"].astype(bool)
+  folds = a[0]["test_pairs"]["fold"]
+  groups = [np.flatnonzero(folds == f) for f in np.unique(folds)]
+
+  def acc(run, idx):
+    d = run["test_pairs"]["insightface"]
+    return verification.kfold_accuracy(d[idx], issame[idx], folds=folds[idx])[0]
+  full = np.arange(len(issame))
+  diff = (np.mean([acc(r, full) for r in a]) - np.mean([acc(r, full) for r in b]))
+  rng = np.random.default_rng(seed)
+  diffs = np.empty(n)
+  for i in range(n):
+    sa = [a[j] for j in rng.integers(0, len(a), len(a))]
+    sb = [b[j] for j in rng.integers(0, len(b), len(b))]
+    idx = np.concatenate([rng.choice(g, len(g)) for g in groups])
+    diffs[i] = np.mean([acc(r, idx) for r in sa]) - np.mean([acc(r, idx) for r in sb])
+  lo, hi = _interval(diffs)
+  return {"difference": float(diff), "lo": lo, "hi": hi, "seeds": [len(a), len(b)]}
+
+
+def robustness_verdict(d: dict) -> str:
+  if d["lo"] > 0:
+    return "more robust"
+  if d["hi"] < 0:
+    return "less robust"
+  if -L2_MARGIN <= d["lo"] and d["hi"] <= L2_MARGIN:
+    return f"equivalent (within +-{L2_MARGIN:g})"
+  return "cannot tell"
+
+
+def accuracy_verdict(d: dict) -> str:
+  if d["lo"] > -ACCURACY_MARGIN:
+    return "no loss"
+  if d["hi"] < -ACCURACY_MARGIN:
+    return "loss"
+  return "cannot tell"
+
+
+def _worst(runs: list[dict], far: str) -> np.ndarray:
+  return np.stack([r["robustness_arrays"][f"{far}/worst_case_l2"] for r in runs])
+
+
+def claims(groups: dict, far: str) -> list[dict]:
+  """One entry per claim of the paper at operating point ``far``: the comparisons behind it,
+  each with its verdict, and the paper's expectation."""
+  have = {k: v for k, v in groups.items() if all(r["robustness"] for r in v)}
+
+  def cmp(a, b):
+    if a not in have or b not in have:
+      return None
+    d = robustness_difference(_worst(have[a], far), _worst(have[b], far))
+    return {"a": a, "b": b, **d, "verdict": robustness_verdict(d)}
+  out = []
+  for m in ("baseline", "adp", "fdp"):
+    out.append({"claim": f"{label(m)} does not enhance robustness over the single model",
+                "expects": "equivalent or less robust", "comparisons": [cmp(m, "single")]})
+  out.append({"claim": "SRV alone enhances robustness over the single model",
+              "expects": "more robust", "comparisons": [cmp("srv", "single")]})
+  out.append({"claim": "SRV+ADP does not enhance robustness over SRV",
+              "expects": "equivalent or less robust", "comparisons": [cmp("srv_adp", "srv")]})
+  out.append({"claim": "SRV+FDP is the most robust of the ensembles (and beats the single model)",
+              "expects": "more robust", "comparisons": [cmp("srv_fdp", m)
+                                                        for m in ("single",) + ENSEMBLES]})
+  advts = sorted(k for k in have if k.startswith("advt"))
+  out.append({"claim": "SRV+FDP is more robust than adversarial training (every margin)",
+              "expects": "more robust", "comparisons": [cmp("srv_fdp", m) for m in advts]})
+  for c in out:
+    c["comparisons"] = [x for x in c["comparisons"] if x is not None]
+    c["verdict"] = _claim_verdict(c)
+  return out
+
+
+def _claim_verdict(c: dict) -> str:
+  vs = [x["verdict"] for x in c["comparisons"]]
+  if not vs:
+    return "not run"
+  if c["expects"] == "more robust":
+    if all(v == "more robust" for v in vs):
+      return "supported"
+    if any(v == "less robust" or v.startswith("equivalent") for v in vs):
+      return "contradicted"
+    return "cannot tell"
+  if all(v == "less robust" or v.startswith("equivalent") for v in vs):
+    return "supported"
+  if any(v == "more robust" for v in vs):
+    return "contradicted"
+  return "cannot tell"
+
+
+def write(out: str) -> str:
+  """``REPORT_v2.md`` and ``results_v2.json`` in ``out``; returns the report's path."""
+  runs = load_runs(out)
+  groups: dict[str, list] = {}
+  for r in runs:
+    groups.setdefault(method_key(r), []).append(r)
+  fars = sorted({f for r in runs if r["robustness"] for f in r["robustness"]["operating_points"]},
+                key=float, reverse=True)
+  results = {"methods": {}, "claims": {}, "accuracy_vs_single": {},
+             "margins": {"l2": L2_MARGIN, "accuracy": ACCURACY_MARGIN},
+             "provenance": provenance.record()}
+  for key, rs in sorted(groups.items()):
+    results["methods"][key] = [_run_record(r) for r in rs]
+  for far in fars:
+    results["claims"][far] = claims(groups, far)
+  if "single" in groups:
+    for key, rs in sorted(groups.items()):
+      if key != "single":
+        d = accuracy_difference(rs, groups["single"])
+        results["accuracy_vs_single"][key] = d | {"verdict": accuracy_verdict(d)}
+  with open(os.path.join(out, "results_v2.json"), "w") as f:
+    json.dump(results, f)
+  path = os.path.join(out, "REPORT_v2.md")
+  with open(path, "w") as f:
+    f.write(_markdown(groups, fars, results))
+  return path
+
+
+def _round(a, digits=5):
+  return [None if not np.isfinite(v) else round(float(v), digits) for v in np.asarray(a, float)]
+
+
+def _run_record(r: dict) -> dict:
+  tp = r["test_pairs"]
+  rec = {"run": r["run"], "seed": r["seed"], "advt_margin": r.get("advt_margin"),
+         "config": r["config"], "trained_with": r.get("trained_with"),
+         "exported_with": r.get("exported_with"), "lfw_test": r["lfw_test"],
+         "calibration": r["calibration"],
+         "test_pairs": {"insightface": _round(tp["insightface"]), "paper": _round(tp["paper"]),
+                        "members_paper": [_round(m) for m in tp["members_paper"]],
+                        "issame": tp["issame"].astype(int).tolist(),
+                        "fold": tp["fold"].astype(int).tolist()}}
+  if r["robustness"]:
+    rec["robustness"] = r["robustness"]["operating_points"]
+    rec["attack_pairs"] = r["robustness"]["key"]["pairs"]
+    rec["per_pair"] = {k: (_round(v) if v.dtype.kind == "f" else v.astype(int).tolist())
+                       for k, v in r["robustness_arrays"].items()}
+  return rec
+
+
+def _fmt(d: dict) -> str:
+  f = lambda v: "inf" if np.isinf(v) else f"{v:+.3f}"  # noqa: E731
+  return f"{f(d['difference'])} [{f(d['lo'])}, {f(d['hi'])}]"
+
+
+def _markdown(groups: dict, fars: list, results: dict) -> str:
+  order = ["single", "baseline", "adp", "fdp", "srv", "srv_adp", "srv_fdp"] + sorted(
+      k for k in groups if k.startswith("advt"))
+  keys = [k for k in order if k in groups]
+  L = ["# LFW: the paper's comparison, suite v2 (in progress)", "",
+       "Generated by `python -m faceens.reproduce --suite=lfw --lfw=DIR --out=reports/lfw` "
+       "(stages train, export, robustness) from `per_run/` alone; statistics and margins in "
+       "`faceens/reproduce_summary.py`, fixed before any result was seen: L2 margin "
+       f"+-{L2_MARGIN:g}, accuracy margin {ACCURACY_MARGIN:g}. Runs so far: "
+       + ", ".join(f"{label(k)} x{len(groups[k])}" for k in keys) + ".", "",
+       "## Clean accuracy (LFW folds 6-10, 3,000 pairs, InsightFace protocol) and operating points",
+       "", "| method | seeds | accuracy per seed | own threshold's FAR | threshold at FAR 1e-2 / 1e-3 |",
+       "| --- | --- | --- | --- | --- |"]
+  for k in keys:
+    rs = groups[k]
+    acc = ", ".join(f"{r['lfw_test']['accuracy']:.3f}" for r in rs)
+    own = ", ".join(f"{r['calibration']['own_threshold_far']:.3f}" for r in rs)
+    thr = ", ".join(" / ".join(f"{p['threshold']:.3f}" for p in
+                               r["calibration"]["operating_points"].values()) for r in rs)
+    L.append(f"| {label(k)} | {len(rs)} | {acc} | {own} | {thr} |")
+  if results["accuracy_vs_single"]:
+    L += ["", "Accuracy minus the single model's (mean over seeds, 95% hierarchical bootstrap):", ""]
+    for k, d in results["accuracy_vs_single"].items():
+      L.append(f"- {label(k)}: {_fmt(d)}: **{d['verdict']}**")
+  for far in fars:
+    L += ["", f"## Robustness at FAR {far} (threshold accepting {float(far):.1%} of random "
+          "different-person pairs of the test people)", "",
+          "Worst case over I-FGSM, CW, BIM and PGD per pair; median over the 200 attack pairs, "
+          "per seed. Robust accuracy: share of the pairs still rejected.", "",
+          "| method | worst-case L2 median | robust acc. L2 <= 0.5 | L2 <= 1 | L_inf <= 2/255 | "
+          "L_inf <= 8/255 | pre-accepted |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for k in keys:
+      rs = [r for r in groups[k] if r["robustness"]]
+      if not rs:
+        continue
+      pts = [r["robustness"]["operating_points"][far] for r in rs]
+
+      def l2_at(b, pts=pts):
+        return ", ".join("%.2f" % np.interp(b, [float(x) for x in p["robust_accuracy_l2"]],
+                                            list(p["robust_accuracy_l2"].values())) for p in pts)
+
+      def col(get, fmt, pts=pts):
+        return ", ".join(fmt % get(p) for p in pts)
+      L.append("| %s | %s | %s | %s | %s | %s | %s |" % (
+          label(k), col(lambda p: p["worst_case_l2_median"], "%.3f"), l2_at(0.5), l2_at(1.0),
+          col(lambda p: p["robust_accuracy_linf"]["2/255"], "%.2f"),
+          col(lambda p: p["robust_accuracy_linf"]["8/255"], "%.2f"),
+          col(lambda p: p["pre_accepted"], "%d")))
+    L += ["", "### The paper's claims", ""]
+    for c in results["claims"][far]:
+      ev = "; ".join(f"{label(x['a'])} - {label(x['b'])}: {_fmt(x)} ({x['verdict']})"
+                     for x in c["comparisons"]) or "not run yet"
+      L.append(f"- **{c['verdict']}**: {c['claim']} (expects: {c['expects']}). {ev}")
+  L += ["", "L2 robust accuracy at 0.5 and 1 is interpolated between the stored budgets "
+        "(0.05 .. 2, 12 log-spaced). `results_v2.json` holds every run's config, provenance, "
+        "calibration, test-pair distances with labels and folds, and per attack and pair the "
+        "L2, L_inf, success, iterations and final distance, and the worst case.", ""]
+  return "\n".join(L)
