@@ -260,7 +260,9 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--out", default=None, help="JSON path (default: $OUT/probe.json)")
   p.add_argument("--smoke", action="store_true", help="toy sizes on CPU, every row")
-  p.add_argument("--budget", type=float, default=330.0, help="seconds before rows are skipped")
+  p.add_argument("--budget", type=float, default=None,
+                 help="seconds before rows are skipped (default 330; --smoke: no limit, every row "
+                      "must run)")
   p.add_argument("--no-torch", action="store_true", help="no PyTorch layer timings")
   a = p.parse_args(argv)
   if a.smoke:
@@ -282,7 +284,8 @@ def main(argv=None) -> int:
                                "torch_device": torch_device, "budget_s": a.budget,
                                "xla_flags": os.environ.get("XLA_FLAGS", ""),
                                "backend": jax.default_backend()})
-  budget = accelerator.Budget(a.budget)
+  budget = accelerator.Budget(a.budget if a.budget is not None else
+                              (float("inf") if a.smoke else 330.0))
   with tempfile.TemporaryDirectory() as tmp:
     step_rows(sz, report, budget, tmp, os.path.splitext(out)[0] + ".autotune.txt")
     layer_rows(sz, report, budget, torch_device)

@@ -52,7 +52,7 @@ def test_probe_smoke_runs_every_row(tmp_path):
   out = tmp_path / "probe.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "bench/probe.py", "--smoke", f"--out={out}"], cwd=REPO,
-                     env=env, capture_output=True, text=True, timeout=600)
+                     env=env, capture_output=True, text=True, timeout=1200)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   doc = json.loads(out.read_text())
   assert doc["header"]["smoke"] and not doc["skipped"]
