@@ -7,8 +7,8 @@ PyTorch CUDA reference in the same run. One command, at most ~8 minutes on one H
 1. Header: versions (python, jax, jaxlib, flax, optax, torch) and the device (name, memory).
 2. Correctness on the device, at ``highest`` matmul precision, before any timing:
    ``vmap`` ensemble == unrolled members (features and one train step), native depthwise ==
-   shifted form (forward, input and kernel gradients), bf16 train-step loss within 5% of fp32,
-   one LOTS attack on the device == the same attack on the host CPU. A failure exits non-zero
+   shifted form == fused form (forward, input and kernel gradients), bf16 train-step loss within
+   5% of fp32, one LOTS attack on the device == the same attack on the host CPU. A failure exits non-zero
    before timing (``--time-anyway`` times regardless and still exits non-zero).
 3. Train step images/s, 112 px, batch 256 (the paper's), MobileFaceNet width 1 with the GDC
    head, CosFace over 1000 classes, SGD: K = 1 and K = 3 (``baseline``), fp32 and bf16, ``vmap``
@@ -218,7 +218,8 @@ def check_ensemble_steps(sz: Sizes) -> dict:
 
 
 def check_depthwise(sz: Sizes) -> dict:
-  """Native grouped conv == 9 shifted multiply-adds (custom VJP): forward, d/dx, d/dkernel."""
+  """Native grouped conv == 9 shifted multiply-adds (the CPU form) == the fused GPU form (custom
+  VJPs): forward, d/dx, d/dkernel."""
   import jax
   import jax.numpy as jnp
   from faceens.models import depthwise
@@ -228,7 +229,7 @@ def check_depthwise(sz: Sizes) -> dict:
   kernel = jax.random.normal(kk, (3, 3, 1, sz.dw_shape[-1]), jnp.float32) * 0.3
   for stride in (1, 2):
     res = {}
-    for impl in ("native", "shifted"):
+    for impl in ("native", "shifted", "fused"):
       f = jax.jit(lambda a, w, impl=impl: depthwise.depthwise_conv(a, w, stride, None, impl))
       y, vjp = jax.vjp(f, x, kernel)
       g = jax.random.normal(kg, y.shape, y.dtype)
@@ -236,6 +237,9 @@ def check_depthwise(sz: Sizes) -> dict:
     for i, part in enumerate(("forward", "grad_x", "grad_kernel")):
       out[f"stride{stride}_{part}"] = _check(f"depthwise native == shifted, stride {stride}, {part}",
                                              _rel(res["native"][i], res["shifted"][i]), 1e-5)
+      out[f"stride{stride}_{part}_fused"] = _check(
+          f"depthwise native == fused, stride {stride}, {part}",
+          _rel(res["native"][i], res["fused"][i]), 1e-5)
   return out
 
 

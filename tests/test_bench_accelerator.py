@@ -27,8 +27,9 @@ def test_accelerator_smoke_runs_every_step(tmp_path):
   # Every check ran and compared something (float32 on one CPU: equal to rounding).
   assert c["ensemble_steps"]["features"]["value"] < 1e-5
   assert c["ensemble_steps"]["bf16_loss"]["value"] < 5e-2
-  assert {k for k in c["depthwise"]} == {f"stride{s}_{p}" for s in (1, 2)
-                                         for p in ("forward", "grad_x", "grad_kernel")}
+  assert {k for k in c["depthwise"]} == {f"stride{s}_{p}{f}" for s in (1, 2)
+                                         for p in ("forward", "grad_x", "grad_kernel")
+                                         for f in ("", "_fused")}
   assert not doc["skipped"] or all(s["what"] == "PyTorch reference" for s in doc["skipped"])
   rows = {(r["members"], r["dtype"], r["strategy"]) for r in doc["train_step"]}
   assert rows == {(2, "bfloat16", "vmap"), (1, "float32", "unrolled")}
