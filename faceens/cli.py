@@ -1,5 +1,6 @@
 """Console entry points (``pyproject.toml`` ``[project.scripts]``): ``faceens-train``,
-``faceens-evaluate``, ``faceens-attack``, ``faceens-verify``, ``faceens-reproduce``. Each is the
+``faceens-evaluate``, ``faceens-attack``, ``faceens-verify``, ``faceens-reproduce``,
+``faceens-import-model``. Each is the
 same job as ``python -m faceens.<job>``, with the same flags."""
 
 from __future__ import annotations
@@ -43,3 +44,7 @@ def verify() -> None:
 
 def reproduce() -> None:
   _run("reproduce")
+
+
+def import_model() -> None:
+  _run("import_model")

@@ -33,7 +33,7 @@ import ml_collections
 
 from faceens import heads, losses
 from faceens.data import image_folder
-from faceens.models import batchnorm, depthwise, ensemble, mobilefacenet, pointwise
+from faceens.models import arcface_torch, batchnorm, depthwise, ensemble, mobilefacenet, pointwise
 
 VARIANTS = ("full", "demo", "lfw", "test")
 DATA_KINDS = ("orl", "image_folder", "ms1mv2", "tfds", "lfw")
@@ -115,6 +115,8 @@ def base_config(loss: str, variant: str | None = None) -> ml_collections.ConfigD
   c.diversity = group(eps=1e-6)     # ridge in ADP/FDP's log det (Pang et al.)
 
   c.model = ml_collections.ConfigDict()
+  c.model.arch = "mobilefacenet"    # or arcface_torch's mbf, r18 .. r100 (imported weights)
+  c.model.scale = 2                 # arch=mbf: arcface_torch's width multiplier
   c.model.width = 1.0
   c.model.blocks = (1, 4, 6, 2)
   c.model.embedding_dim = 512
@@ -237,6 +239,10 @@ def _cpu_recipe(c: ml_collections.ConfigDict) -> None:
   c.train.checkpoint_every = 100
 
 
+def models_archs() -> tuple[str, ...]:
+  return ("mobilefacenet",) + arcface_torch.ARCHS
+
+
 def flat_fields(c: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, object]]:
   """``[("fdp.gamma", 10.0), ...]``: every field by the dotted name ``--config.<name>`` takes."""
   out = []
@@ -277,6 +283,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail("ensemble.num_members", k, f">= 2 for ensemble method {c.method!r} (paper: 3)")
   if c.ensemble.strategy not in ensemble.STRATEGIES:
     _fail("ensemble.strategy", c.ensemble.strategy, ", ".join(ensemble.STRATEGIES))
+  if c.model.get("arch", "mobilefacenet") not in models_archs():
+    _fail("model.arch", c.model.arch, ", ".join(models_archs()))
   if c.model.head not in mobilefacenet.HEADS:
     _fail("model.head", c.model.head, ", ".join(mobilefacenet.HEADS))
   if c.model.depthwise_impl not in depthwise.IMPLS:

@@ -6,12 +6,24 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from faceens.models import arcface_torch
 from faceens.models.mobilefacenet import MobileFaceNet
 
+ARCHS = ("mobilefacenet",) + arcface_torch.ARCHS
 
-def get_model(config) -> MobileFaceNet:
-  """The MobileFaceNet of ``config.model`` (one member; ``faceens.models.ensemble`` stacks K)."""
+
+def get_model(config):
+  """The network of ``config.model`` (one member; ``faceens.models.ensemble`` stacks K):
+  ``model.arch`` ``mobilefacenet`` (faceens' own, the paper's), or arcface_torch's ``mbf``,
+  ``r18`` ... ``r100`` (``faceens.models.arcface_torch``, for imported published weights)."""
   m = config.model
+  arch = m.get("arch", "mobilefacenet")
+  if arch in arcface_torch.ARCHS:
+    return arcface_torch.get_backbone(arch, m.embedding_dim, scale=m.get("scale", 2),
+                                      blocks=tuple(m.blocks), dropout=0.0,
+                                      depthwise_impl=m.depthwise_impl)
+  if arch != "mobilefacenet":
+    raise ValueError(f"unknown model.arch {arch!r}; valid: {', '.join(ARCHS)}")
   return MobileFaceNet(
       embedding_dim=m.embedding_dim, width=m.width, blocks=tuple(m.blocks), head=m.head,
       dropout=m.dropout, depthwise_impl=m.depthwise_impl,

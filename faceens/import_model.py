@@ -1,0 +1,247 @@
+"""Published face models into faceens: ``python -m faceens.import_model --from=backbone.pth
+--arch=r50 --workdir=runs/r50``.
+
+Reads an arcface_torch ``state_dict`` (``backbone.pth`` of ``mbf``, ``r18``, ``r34``, ``r50``,
+``r100``) without executing pickled code (``torch.load(..., weights_only=True)``: a pickle that
+names anything but tensors and containers is refused), maps every tensor onto the Flax backbone
+of ``faceens.models.arcface_torch`` by its name (convolution kernels OIHW -> HWIO, linear
+weights transposed, BatchNorm weight / bias / running statistics, PReLU slopes), checks every
+name and shape, and writes a run directory that ``faceens.load``, ``evaluate``, ``verify``,
+``attack`` and the plots accept: ``config.json`` (method ``single``, ``model.arch``),
+``checkpoints/0`` and ``import.json`` (the source file, its SHA-256 and the input convention:
+RGB, 112x112, ``(x - 127.5) / 127.5``).
+
+PyTorch is needed for ``.pth`` files only: ``pip install "faceens[import]"``.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__":  # before JAX: glibc reads its tunables at start (faceens.hostenv)
+  from faceens import hostenv
+  hostenv.reexec_with_hugepage_malloc()
+
+import hashlib
+import json
+import os
+import re
+
+import numpy as np
+
+INPUT_CONVENTION = "RGB, 112x112 aligned face crops, (x - 127.5) / 127.5 (faceens: [0, 1] pixels)"
+
+
+class ModelImportError(ValueError):
+  """A file that is not the checkpoint it claims to be; the message names the file and tensor."""
+
+
+def read_pth(path: str) -> dict[str, np.ndarray]:
+  """A PyTorch ``state_dict`` as numpy arrays, loaded with ``weights_only=True`` (no pickled code
+  runs). Accepts a bare ``state_dict`` or one under ``state_dict`` / ``model``; strips DDP's
+  ``module.`` prefix."""
+  if not os.path.isfile(path):
+    raise ModelImportError(f"{path} does not exist")
+  try:
+    import torch
+  except ImportError:
+    raise ModelImportError("reading .pth files needs PyTorch: pip install \"faceens[import]\"") from None
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # noqa: BLE001  (torch raises UnpicklingError, RuntimeError, ...)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ModelImportError(f"{path} cannot be read as a PyTorch state_dict with weights_only=True "
+                       f"(a pickle that would run code is refused): {first}") from None
+  if isinstance(obj, dict):
+    for key in ("state_dict", "model"):
+      if key in obj and isinstance(obj[key], dict):
+        obj = obj[key]
+  if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+    raise ModelImportError(f"{path} holds no state_dict of tensors (got {type(obj).__name__})")
+  return {re.sub(r"^module\.", "", k): v.detach().cpu().numpy() for k, v in obj.items()}
+
+
+def _flax_path(key: str) -> tuple[list[str], str]:
+  """``layer1.0.conv1.weight`` -> ``(["layer1_0", "conv1"], "weight")``: each numeric token is
+  joined to its parent (a ``Sequential`` / ``ModuleList`` index)."""
+  tokens = key.split(".")
+  mods: list[str] = []
+  for t in tokens[:-1]:
+    if t.isdigit() and mods:
+      mods[-1] = f"{mods[-1]}_{t}"
+    else:
+      mods.append(t)
+  return mods, tokens[-1]
+
+
+def infer_mbf(state: dict[str, np.ndarray]) -> dict:
+  """``{"scale", "blocks", "num_features"}`` of an arcface_torch MobileFaceNet state_dict."""
+  try:
+    scale = state["layers.0.layers.0.weight"].shape[0] // 64
+    nf = state["features.layers.3.weight"].shape[0]
+  except KeyError as e:
+    raise ModelImportError(f"not an arcface_torch MobileFaceNet: no {e.args[0]}") from None
+
+  def count(stage):
+    pattern = re.compile(rf"layers\.{stage}\.layers\.(\d+)\.layers\.")
+    return len({m.group(1) for m in map(pattern.match, state) if m})
+  first = 1 if "layers.1.layers.0.weight" in state else count(1)
+  return {"scale": int(scale), "blocks": (first, count(3), count(5), count(7)),
+          "num_features": int(nf)}
+
+
+def infer_num_features(state: dict[str, np.ndarray], arch: str) -> int:
+  key = "features.layers.3.weight" if arch == "mbf" else "features.weight"
+  if key not in state:
+    raise ModelImportError(f"no {key}: not an arcface_torch {arch} state_dict")
+  return int(state[key].shape[0])
+
+
+def to_variables(state: dict[str, np.ndarray], template, source: str = "state_dict") -> dict:
+  """Maps ``state`` (PyTorch names and layouts) onto ``template`` (the Flax variables of the
+  matching backbone, arrays or shape structs): ``{"params", "batch_stats"}`` of numpy arrays.
+  Every tensor must find its place and every Flax leaf must be filled, with matching shapes."""
+  import jax
+  flat = {tuple(str(getattr(k, "key", k)) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(template)}
+  out: dict[tuple, np.ndarray] = {}
+  for key, value in state.items():
+    mods, leaf = _flax_path(key)
+    if leaf == "num_batches_tracked":
+      continue
+    if leaf in ("running_mean", "running_var"):
+      dest = ("batch_stats", *mods, "mean" if leaf == "running_mean" else "var")
+      array = value
+    elif leaf == "bias":
+      dest, array = ("params", *mods, "bias"), value
+    elif leaf == "weight":
+      candidates = [("params", *mods, n) for n in ("kernel", "scale", "slope")]
+      dest = next((c for c in candidates if c in flat), None)
+      if dest is None:
+        raise ModelImportError(f"{source}: unexpected tensor {key} {tuple(value.shape)}: the chosen "
+                           "architecture has no such layer (another --arch?)")
+      if dest[-1] == "kernel" and value.ndim == 4:
+        array = np.transpose(value, (2, 3, 1, 0))        # OIHW -> HWIO
+      elif dest[-1] == "kernel":
+        array = np.transpose(value)                      # Linear [out, in] -> [in, out]
+      else:
+        array = value
+    else:
+      raise ModelImportError(f"{source}: unexpected tensor {key} {tuple(value.shape)}")
+    if dest not in flat:
+      raise ModelImportError(f"{source}: unexpected tensor {key} {tuple(value.shape)}: the chosen "
+                         "architecture has no such layer (another --arch?)")
+    want = tuple(flat[dest].shape)
+    if tuple(array.shape) != want:
+      raise ModelImportError(f"{source}: {key} has shape {tuple(value.shape)}, the architecture needs "
+                         f"{want} in faceens' layout ({'/'.join(dest)}): another --arch or size?")
+    out[dest] = np.asarray(array, np.float32)
+  missing = [p for p in flat if p not in out]
+  if missing:
+    names = ", ".join("/".join(p) for p in missing[:5])
+    raise ModelImportError(f"{source}: {len(missing)} tensors of the architecture are missing "
+                       f"(e.g. {names}): a truncated file or another --arch?")
+  tree: dict = {}
+  for path, array in out.items():
+    node = tree
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = array
+  return tree
+
+
+def model_config(arch: str, num_features: int, mbf: dict | None = None):
+  """The faceens config of an imported single model: ``model.arch`` and the 112 px input."""
+  from faceens import configs
+  c = configs.experiment("arcface_single", "full")
+  c.model.arch = arch
+  c.model.embedding_dim = num_features
+  if mbf:
+    c.model.scale, c.model.blocks = mbf["scale"], tuple(mbf["blocks"])
+  c.data.image_size = 112
+  configs.validate(c)
+  return c
+
+
+def import_state(state: dict[str, np.ndarray], arch: str, workdir: str, *, source: str,
+                 fmt: str, sha256: str | None = None) -> dict:
+  """Writes a run directory for ``state`` (see the module docstring); returns ``import.json``."""
+  import jax
+  import jax.numpy as jnp
+  import orbax.checkpoint as ocp
+  from faceens import models
+  from faceens.models import arcface_torch
+  if arch not in arcface_torch.ARCHS:
+    raise ModelImportError(f"unknown --arch={arch!r}; valid: {', '.join(arcface_torch.ARCHS)}")
+  mbf = infer_mbf(state) if arch == "mbf" else None
+  nf = mbf["num_features"] if mbf else infer_num_features(state, arch)
+  c = model_config(arch, nf, mbf)
+  model = models.get_model(c)
+  template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                               jnp.zeros((1, 112, 112, 3)), train=False))
+  variables = to_variables(state, template, source)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(c.to_json_best_effort(indent=2))
+  stacked = jax.tree.map(lambda a: a[None], variables)  # a single-member ensemble
+  tree = {"params": {"backbone": stacked["params"]}, "batch_stats": stacked["batch_stats"]}
+  mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                               item_names=("state",))
+  mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(tree)), force=True)
+  mngr.wait_until_finished()
+  mngr.close()
+  from faceens import provenance
+  doc = {"from": os.path.abspath(source), "format": fmt, "sha256": sha256, "arch": arch,
+         "num_features": nf, "mbf": mbf, "input": INPUT_CONVENTION,
+         "tensors": len(state), "imported_with": provenance.record()}
+  with open(os.path.join(workdir, "import.json"), "w") as f:
+    json.dump(doc, f, indent=2)
+  return doc
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def run(source: str, arch: str, workdir: str) -> dict:
+  """Imports ``source`` (``.pth``) as ``arch`` into ``workdir``."""
+  if os.path.exists(os.path.join(workdir, "checkpoints")):
+    raise ModelImportError(f"{workdir} already holds a run (checkpoints/); give a new --workdir")
+  ext = os.path.splitext(source)[1].lower()
+  if ext not in (".pth", ".pt"):
+    raise ModelImportError(f"--from={source}: expected a PyTorch .pth / .pt state_dict")
+  state = read_pth(source)
+  return import_state(state, arch, workdir, source=source, fmt="pytorch state_dict",
+                      sha256=_sha256(source))
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  from faceens import logs
+  FLAGS = flags.FLAGS  # noqa: N806
+  logs.default_verbosity()
+  try:
+    doc = run(FLAGS["from"].value, FLAGS.arch, FLAGS.workdir)
+  except (ModelImportError, ValueError, FileNotFoundError) as e:
+    raise SystemExit(f"error: {e}") from None
+  print(f"imported {doc['arch']} ({doc['tensors']} tensors, d = {doc['num_features']}) from "
+        f"{doc['from']} into {FLAGS.workdir}; input: {doc['input']}")
+  print(f"next: python -m faceens.evaluate --workdir={FLAGS.workdir} --lfw=DIR (or --bins=...)")
+
+
+def _define_flags():
+  from absl import flags
+  from faceens.models import arcface_torch
+  flags.DEFINE_string("from", None, "the checkpoint: an arcface_torch backbone.pth")
+  flags.DEFINE_enum("arch", None, list(arcface_torch.ARCHS), "arcface_torch's architecture name")
+  flags.DEFINE_string("workdir", None, "the run directory to write")
+  flags.mark_flags_as_required(["from", "arch", "workdir"])
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,140 @@
+"""faceens.import_model: arcface_torch state_dicts into faceens, equal to PyTorch's embeddings.
+
+No published weights are reachable here: the tests build PyTorch references of the
+architectures (``tests/torch_backbones.py``) with random weights and BatchNorm statistics, save
+their ``state_dict`` as ``.pth``, import it, and compare faceens' embeddings with PyTorch's
+(eval mode) on the same images.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import faceens  # noqa: E402
+from faceens import import_model  # noqa: E402
+from tests import torch_backbones as tb  # noqa: E402
+from tests.builders import ORL, REPO  # noqa: E402
+from tests.conftest import subprocess_env  # noqa: E402
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def _bound(depth: int, fan_in: int) -> float:
+  """float32 rounding of a ``depth``-layer forward pass whose longest dot product has ``fan_in``
+  terms, relative to a unit-norm embedding: depth * eps * sqrt(fan_in)."""
+  return depth * EPS32 * np.sqrt(fan_in)
+
+
+def _torch_embedding(net, x):
+  with torch.no_grad():
+    t = torch.from_numpy(np.ascontiguousarray(((x - 0.5) / 0.5).transpose(0, 3, 1, 2)))
+    e = net(t).numpy().astype(np.float64)
+  return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+
+def _import(tmp_path, net, arch, name):
+  path = str(tmp_path / f"{name}.pth")
+  torch.save(net.state_dict(), path)
+  workdir = str(tmp_path / name)
+  doc = import_model.run(path, arch, workdir)
+  return faceens.load(workdir), doc, path
+
+
+# (arch, PyTorch reference, depth in layers, the longest dot product)
+CASES = {
+    # scale 2 with blocks[0] == 1: the second layer is 64 groups of 2 channels, not depthwise.
+    "mbf_scale2": ("mbf", lambda: tb.MobileFaceNet(128, (1, 1, 2, 1), scale=2), 30, 512),
+    "mbf_scale1": ("mbf", lambda: tb.MobileFaceNet(64, (2, 1, 1, 1), scale=1), 30, 512),
+    "r18": ("r18", lambda: tb.IResNet((2, 2, 2, 2), 128), 20, 512 * 49),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_imported_embeddings_equal_pytorch(case, tmp_path):
+  arch, build, depth, fan_in = CASES[case]
+  net = tb.randomize(build(), seed=len(case))
+  model, doc, _ = _import(tmp_path, net, arch, case)
+  assert model.input_size == 112 and model.num_members == 1
+  assert doc["input"].startswith("RGB, 112x112") and doc["arch"] == arch
+  x = np.random.default_rng(0).random((3, 112, 112, 3), dtype=np.float32)
+  ref = _torch_embedding(net, x)
+  got = model.embed(x).astype(np.float64)  # K = 1: E(x) is the normalised feature
+  err = float(np.abs(got - ref).max())
+  print(f"IMPORT {case}: max abs {err:.2e}, bound {_bound(depth, fan_in):.2e}")
+  assert err <= _bound(depth, fan_in), (case, err, _bound(depth, fan_in))
+  # The weights matter: another random network is far from this one.
+  other = _torch_embedding(tb.randomize(build(), seed=99), x)
+  assert np.abs(other - ref).max() > 100 * _bound(depth, fan_in)
+
+
+def test_bad_files_are_one_line_errors(tmp_path):
+  net = tb.randomize(tb.MobileFaceNet(64, (1, 1, 1, 1), scale=1))
+  state = net.state_dict()
+  cases = []
+  missing = dict(state)
+  missing.pop("conv_sep.layers.1.running_var")
+  cases.append((missing, "mbf", "1 tensors of the architecture are missing"))
+  shaped = dict(state)
+  shaped["conv_sep.layers.0.weight"] = torch.zeros(512, 127, 1, 1)
+  cases.append((shaped, "mbf", "conv_sep.layers.0.weight has shape (512, 127, 1, 1)"))
+  cases.append((state, "r18", "no features.weight: not an arcface_torch r18 state_dict"))
+  extra = dict(state)
+  extra["head.weight"] = torch.zeros(3, 3)
+  cases.append((extra, "mbf", "unexpected tensor head.weight"))
+  for i, (sd, arch, message) in enumerate(cases):
+    path = str(tmp_path / f"bad{i}.pth")
+    torch.save(sd, path)
+    with pytest.raises(import_model.ModelImportError, match=message.replace("(", r"\(")
+                       .replace(")", r"\)")):
+      import_model.run(path, arch, str(tmp_path / f"bad{i}"))
+
+
+class _Payload:
+  def __reduce__(self):
+    return (os.system, (f"touch {_Payload.marker}",))
+
+
+def test_a_pickle_with_code_is_refused_and_does_not_run(tmp_path):
+  _Payload.marker = str(tmp_path / "ran")
+  path = str(tmp_path / "evil.pth")
+  torch.save({"conv1.weight": torch.zeros(1), "x": _Payload()}, path)
+  r = subprocess.run([sys.executable, "-m", "faceens.import_model", f"--from={path}",
+                      "--arch=r18", f"--workdir={tmp_path / 'evil'}"], cwd=REPO,
+                     env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert r.returncode != 0 and "Traceback" not in r.stderr
+  assert "weights_only=True" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+  assert not os.path.exists(_Payload.marker)
+
+
+def test_imported_model_runs_through_evaluate_and_attack(tmp_path):
+  net = tb.randomize(tb.MobileFaceNet(64, (1, 1, 1, 1), scale=1))
+  path = str(tmp_path / "mbf.pth")
+  torch.save(net.state_dict(), path)
+  workdir = str(tmp_path / "run")
+  env = subprocess_env(JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  cli = lambda *a: subprocess.run([sys.executable, "-m", *a], cwd=REPO, env=env,  # noqa: E731
+                                  capture_output=True, text=True, timeout=600)
+  r = cli("faceens.import_model", f"--from={path}", "--arch=mbf", f"--workdir={workdir}")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "imported mbf" in r.stdout
+  rel = os.path.relpath(ORL, tmp_path)
+  pairs = tmp_path / "pairs.txt"
+  pairs.write_text("".join(f"{rel}/s3{i}/1.pgm {rel}/s3{i}/2.pgm 1\n{rel}/s3{i}/1.pgm "
+                           f"{rel}/s3{i + 1}/1.pgm 0\n" for i in range(1, 6)))
+  r = cli("faceens.evaluate", f"--workdir={workdir}", f"--pairs={pairs}")
+  assert r.returncode == 0, r.stderr[-2000:]
+  with open(os.path.join(workdir, "eval.json")) as f:
+    ev = json.load(f)
+  assert ev["threshold_from"] == "pairs" and ev["datasets"]["pairs"]["pairs"] == 10
+  r = cli("faceens.attack", f"--workdir={workdir}", "--method=ifgsm", "--pairs=4",
+          f"--images={ORL}", "--max_iters=3", "--goal=threshold")
+  assert r.returncode == 0, r.stderr[-2000:]
+  with open(os.path.join(workdir, "attacks", "attack_ifgsm.json")) as f:
+    res = json.load(f)
+  assert res["summary"]["n"] == 4 and res["summary"]["goal_source"].startswith("eval.json:pairs")
