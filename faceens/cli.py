@@ -1,7 +1,7 @@
 """Console entry points (``pyproject.toml`` ``[project.scripts]``): ``faceens-train``,
 ``faceens-evaluate``, ``faceens-attack``, ``faceens-verify``, ``faceens-reproduce``,
-``faceens-import-model``. Each is the
-same job as ``python -m faceens.<job>``, with the same flags."""
+``faceens-import-model``. Each is the same job as ``python -m faceens.<job>``, with the same
+flags."""
 
 from __future__ import annotations
 
