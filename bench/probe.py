@@ -53,21 +53,13 @@ IMPLS = ("native", "fused")
 
 
 @dataclasses.dataclass(frozen=True)
-class ProbeSizes:
-  size: int = 112
-  width: float = 1.0
-  blocks: tuple = (1, 4, 6, 2)
-  embedding_dim: int = 512
-  batch: int = 256
-  classes: int = 1000
-  members: int = 3
-  steps: int = 10       # timed steps per row (median)
+class ProbeSizes(accelerator.Sizes):
+  """The accelerator check's network and batch sizes (112 px, batch 256, width 1, K = 3)."""
   layer_reps: int = 20  # timed calls per depthwise layer (median)
 
 
 FULL = ProbeSizes()
-SMOKE = ProbeSizes(size=32, width=0.125, blocks=(1, 1, 1, 1), embedding_dim=16, batch=8,
-                   classes=30, members=2, steps=2, layer_reps=2)
+SMOKE = ProbeSizes(**(dataclasses.asdict(accelerator.SMOKE) | {"layer_reps": 2}))
 
 
 def _median_s(fn, reps: int) -> float:
@@ -103,8 +95,7 @@ def attack_row(sz: ProbeSizes, impl: str, options: dict):
   import jax
   import jax.numpy as jnp
   from faceens import api, train
-  c = accelerator._config("single", accelerator.Sizes(
-      size=sz.size, width=sz.width, blocks=sz.blocks, embedding_dim=sz.embedding_dim))
+  c = accelerator._config("single", sz)
   c.model.depthwise_impl = impl
   state = train.create_train_state(c, sz.classes, train.make_optimizer(c, 10))
   model = api.FaceModel(c, {"params": state.params["backbone"], "batch_stats": state.batch_stats})
@@ -167,8 +158,7 @@ def depthwise_layers(sz: ProbeSizes) -> list[dict]:
   import jax
   from faceens import models
   from faceens.models import mobilefacenet
-  c = accelerator._config("single", accelerator.Sizes(
-      size=sz.size, width=sz.width, blocks=sz.blocks, embedding_dim=sz.embedding_dim))
+  c = accelerator._config("single", sz)
   seen, real = [], mobilefacenet.depthwise_conv
 
   def record(x, kernel, stride=1, padding=None, impl="auto"):
