@@ -9,7 +9,9 @@ weights transposed, BatchNorm weight / bias / running statistics, PReLU slopes),
 name and shape, and writes a run directory that ``faceens.load``, ``evaluate``, ``verify``,
 ``attack`` and the plots accept: ``config.json`` (method ``single``, ``model.arch``),
 ``checkpoints/0`` and ``import.json`` (the source file, its SHA-256 and the input convention:
-RGB, 112x112, ``(x - 127.5) / 127.5``).
+RGB, 112x112, ``(x - 127.5) / 127.5``). Several files of one architecture
+(``--from=a.pth,b.pth,c.pth``) become one ensemble of K members: E(x) is the mean of their
+normalised embeddings, attacked as one model like faceens' own ensembles.
 
 PyTorch is needed for ``.pth`` files only: ``pip install "faceens[import]"``.
 """
@@ -148,10 +150,12 @@ def to_variables(state: dict[str, np.ndarray], template, source: str = "state_di
   return tree
 
 
-def model_config(arch: str, num_features: int, mbf: dict | None = None):
-  """The faceens config of an imported single model: ``model.arch`` and the 112 px input."""
+def model_config(arch: str, num_features: int, mbf: dict | None = None, members: int = 1):
+  """The faceens config of an imported model (``members`` > 1: an ensemble of that many
+  published models, the ``baseline`` method): ``model.arch`` and the 112 px input."""
   from faceens import configs
-  c = configs.experiment("arcface_single", "full")
+  c = configs.experiment("arcface_single" if members == 1 else "arcface_baseline", "full")
+  c.ensemble.num_members = members
   c.model.arch = arch
   c.model.embedding_dim = num_features
   if mbf:
@@ -161,37 +165,47 @@ def model_config(arch: str, num_features: int, mbf: dict | None = None):
   return c
 
 
-def import_state(state: dict[str, np.ndarray], arch: str, workdir: str, *, source: str,
-                 fmt: str, sha256: str | None = None) -> dict:
-  """Writes a run directory for ``state`` (see the module docstring); returns ``import.json``."""
+def import_state(states: list[dict[str, np.ndarray]], arch: str, workdir: str, *,
+                 sources: list[str], fmt: str, sha256: list[str | None]) -> dict:
+  """Writes a run directory for ``states`` (one per member: K published models of the same
+  architecture form one ensemble, E(x) = the mean of their normalised embeddings); returns
+  ``import.json``."""
   import jax
   import jax.numpy as jnp
   import orbax.checkpoint as ocp
-  from faceens import models
+  from faceens import models, provenance
   from faceens.models import arcface_torch
   if arch not in arcface_torch.ARCHS:
     raise ModelImportError(f"unknown --arch={arch!r}; valid: {', '.join(arcface_torch.ARCHS)}")
-  mbf = infer_mbf(state) if arch == "mbf" else None
-  nf = mbf["num_features"] if mbf else infer_num_features(state, arch)
-  c = model_config(arch, nf, mbf)
+  shapes = []
+  for state, source in zip(states, sources):
+    mbf = infer_mbf(state) if arch == "mbf" else None
+    nf = mbf["num_features"] if mbf else infer_num_features(state, arch)
+    shapes.append((nf, mbf, source))
+  if len({json.dumps(x[:2]) for x in shapes}) > 1:
+    raise ModelImportError("the members differ in shape: " + "; ".join(
+        f"{src}: d = {nf}, {mbf or arch}" for nf, mbf, src in shapes) + " (an ensemble needs one "
+        "architecture and embedding size)")
+  nf, mbf, _ = shapes[0]
+  c = model_config(arch, nf, mbf, members=len(states))
   model = models.get_model(c)
   template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                                jnp.zeros((1, 112, 112, 3)), train=False))
-  variables = to_variables(state, template, source)
+  members = [to_variables(state, template, source) for state, source in zip(states, sources)]
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(c.to_json_best_effort(indent=2))
-  stacked = jax.tree.map(lambda a: a[None], variables)  # a single-member ensemble
+  stacked = jax.tree.map(lambda *a: np.stack(a), *members)
   tree = {"params": {"backbone": stacked["params"]}, "batch_stats": stacked["batch_stats"]}
   mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
                                item_names=("state",))
   mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(tree)), force=True)
   mngr.wait_until_finished()
   mngr.close()
-  from faceens import provenance
-  doc = {"from": os.path.abspath(source), "format": fmt, "sha256": sha256, "arch": arch,
-         "num_features": nf, "mbf": mbf, "input": INPUT_CONVENTION,
-         "tensors": len(state), "imported_with": provenance.record()}
+  doc = {"from": [os.path.abspath(s) for s in sources], "format": fmt, "sha256": sha256,
+         "arch": arch, "members": len(states), "num_features": nf, "mbf": mbf,
+         "input": INPUT_CONVENTION, "tensors": len(states[0]),
+         "imported_with": provenance.record()}
   with open(os.path.join(workdir, "import.json"), "w") as f:
     json.dump(doc, f, indent=2)
   return doc
@@ -206,15 +220,16 @@ def _sha256(path: str) -> str:
 
 
 def run(source: str, arch: str, workdir: str) -> dict:
-  """Imports ``source`` (``.pth``) as ``arch`` into ``workdir``."""
+  """Imports ``source`` (a ``.pth``, or several comma-separated: one ensemble) as ``arch``."""
   if os.path.exists(os.path.join(workdir, "checkpoints")):
     raise ModelImportError(f"{workdir} already holds a run (checkpoints/); give a new --workdir")
-  ext = os.path.splitext(source)[1].lower()
-  if ext not in (".pth", ".pt"):
-    raise ModelImportError(f"--from={source}: expected a PyTorch .pth / .pt state_dict")
-  state = read_pth(source)
-  return import_state(state, arch, workdir, source=source, fmt="pytorch state_dict",
-                      sha256=_sha256(source))
+  sources = [p for p in source.split(",") if p]
+  for path in sources:
+    if os.path.splitext(path)[1].lower() not in (".pth", ".pt"):
+      raise ModelImportError(f"--from={path}: expected a PyTorch .pth / .pt state_dict")
+  states = [read_pth(p) for p in sources]
+  return import_state(states, arch, workdir, sources=sources, fmt="pytorch state_dict",
+                      sha256=[_sha256(p) for p in sources])
 
 
 def main(argv):
@@ -227,15 +242,17 @@ def main(argv):
     doc = run(FLAGS["from"].value, FLAGS.arch, FLAGS.workdir)
   except (ModelImportError, ValueError, FileNotFoundError) as e:
     raise SystemExit(f"error: {e}") from None
-  print(f"imported {doc['arch']} ({doc['tensors']} tensors, d = {doc['num_features']}) from "
-        f"{doc['from']} into {FLAGS.workdir}; input: {doc['input']}")
+  print(f"imported {doc['arch']} x{doc['members']} ({doc['tensors']} tensors each, d = "
+        f"{doc['num_features']}) from {', '.join(doc['from'])} into {FLAGS.workdir}; input: "
+        f"{doc['input']}")
   print(f"next: python -m faceens.evaluate --workdir={FLAGS.workdir} --lfw=DIR (or --bins=...)")
 
 
 def _define_flags():
   from absl import flags
   from faceens.models import arcface_torch
-  flags.DEFINE_string("from", None, "the checkpoint: an arcface_torch backbone.pth")
+  flags.DEFINE_string("from", None, "the checkpoint: an arcface_torch backbone.pth, or several "
+                      "comma-separated (same --arch): one ensemble of them")
   flags.DEFINE_enum("arch", None, list(arcface_torch.ARCHS), "arcface_torch's architecture name")
   flags.DEFINE_string("workdir", None, "the run directory to write")
   flags.mark_flags_as_required(["from", "arch", "workdir"])

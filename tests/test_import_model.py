@@ -61,7 +61,7 @@ def test_imported_embeddings_equal_pytorch(case, tmp_path):
   net = tb.randomize(build(), seed=len(case))
   model, doc, _ = _import(tmp_path, net, arch, case)
   assert model.input_size == 112 and model.num_members == 1
-  assert doc["input"].startswith("RGB, 112x112") and doc["arch"] == arch
+  assert doc["input"].startswith("RGB, 112x112") and doc["arch"] == arch and doc["members"] == 1
   x = np.random.default_rng(0).random((3, 112, 112, 3), dtype=np.float32)
   ref = _torch_embedding(net, x)
   got = model.embed(x).astype(np.float64)  # K = 1: E(x) is the normalised feature
@@ -138,3 +138,24 @@ def test_imported_model_runs_through_evaluate_and_attack(tmp_path):
   with open(os.path.join(workdir, "attacks", "attack_ifgsm.json")) as f:
     res = json.load(f)
   assert res["summary"]["n"] == 4 and res["summary"]["goal_source"].startswith("eval.json:pairs")
+
+
+def test_published_models_as_one_ensemble(tmp_path):
+  nets = [tb.randomize(tb.MobileFaceNet(64, (1, 1, 1, 1), scale=1), seed=s) for s in (1, 2, 3)]
+  paths = []
+  for i, net in enumerate(nets):
+    paths.append(str(tmp_path / f"m{i}.pth"))
+    torch.save(net.state_dict(), paths[-1])
+  doc = import_model.run(",".join(paths), "mbf", str(tmp_path / "ens"))
+  model = faceens.load(str(tmp_path / "ens"))
+  assert doc["members"] == 3 and model.num_members == 3
+  x = np.random.default_rng(1).random((2, 112, 112, 3), dtype=np.float32)
+  refs = [_torch_embedding(n, x) for n in nets]
+  # E(x): the mean of the members' normalised embeddings (not renormalised); member k alone.
+  bound = _bound(30, 512)
+  assert np.abs(model.embed(x) - np.mean(refs, axis=0)).max() <= bound
+  assert np.abs(model.embed(x, member=2) - refs[2]).max() <= bound
+  other = tb.randomize(tb.MobileFaceNet(32, (1, 1, 1, 1), scale=1))
+  torch.save(other.state_dict(), str(tmp_path / "d32.pth"))
+  with pytest.raises(import_model.ModelImportError, match="the members differ in shape"):
+    import_model.run(f"{paths[0]},{tmp_path / 'd32.pth'}", "mbf", str(tmp_path / "bad"))
