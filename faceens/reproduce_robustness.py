@@ -19,9 +19,11 @@ Per pair and attack: L2, L_inf, success, iterations, clean and final distance. P
 accepts before any perturbation (``pre_accepted``) count as broken with a perturbation of 0.
 Per pair, ``worst_case_l2`` is the smallest L2 of any successful example of any attack (inf if
 none succeeded), the headline robustness number; robust accuracy under an L2 budget follows from
-it, under an L_inf budget from every successful example's L_inf (PGD's included). The
-gradient-masking check counts the pairs that PGD breaks inside a budget where no minimal-norm
-attack found an example that small.
+it, under an L_inf budget from every successful example's L_inf (PGD's included).
+``pgd_breaks_missed_by_minimal_norm`` counts, per L_inf budget, the pairs PGD breaks inside it
+where no minimal-norm attack's example is that small in L_inf. I-FGSM, CW and BIM minimise L2 (or
+stop at the goal), not L_inf, so such pairs are expected and are not by themselves a sign of
+gradient masking; a check in L2 needs fixed-budget L2 PGD, which this stage does not run yet.
 
 Results go to ``<out>/per_run/<run>/robustness.json`` (summary, curves) and
 ``robustness.npz`` (per-pair arrays), so they outlive the run directories.
