@@ -39,6 +39,7 @@ if __name__ == "__main__":  # before JAX: glibc reads its tunables at start (fac
 import dataclasses
 import json
 import os
+import shutil
 import time
 
 import ml_collections
@@ -228,8 +229,7 @@ def export_run(suite: Suite, run) -> str | None:
   os.makedirs(att, exist_ok=True)
   model = api.load(w)
   tp = reproduce_attacks.test_pair_distances(model, att)
-  with open(tp, "rb") as src, open(os.path.join(dest, "test_pairs.npz"), "wb") as out:
-    out.write(src.read())
+  shutil.copyfile(tp, os.path.join(dest, "test_pairs.npz"))
   plan = reproduce_attacks.plan_for(suite)
   cal = reproduce_attacks.calibrate(model, plan, reproduce_attacks.attack_pair_names(c, plan), att)
   with open(os.path.join(w, "eval.json")) as f:
@@ -254,8 +254,8 @@ def export_all(suite: Suite, progress: bool = True) -> list[str]:
     if dest is not None:
       out.append(dest)
   if progress:
-    print(f"exported {len(out)} of {len(suite.runs())} runs to {os.path.join(suite.out, 'per_run')}",
-          flush=True)
+    where = os.path.join(suite.out, "per_run")
+    print(f"exported {len(out)} of {len(suite.runs())} runs to {where}", flush=True)
   return out
 
 
