@@ -95,8 +95,9 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
   assert set(v2["claims"]) == {"0.1", "0.01"} and set(v2["methods"]) == {"single", "srv_fdp"}
   verdicts = {c["claim"]: c["verdict"] for c in v2["claims"]["0.01"]}
   assert verdicts["SRV alone enhances robustness over the single model"] == "not run"
-  assert verdicts["SRV+FDP is the most robust of the ensembles (and beats the single model)"] in (
-      "supported", "contradicted", "cannot tell")
+  # Only the single model to compare with: incomplete (unless already contradicted).
+  most = verdicts["SRV+FDP is the most robust of the ensembles (and beats the single model)"]
+  assert most.startswith("incomplete (1 of 6 comparisons run") or most == "contradicted"
   assert v2["accuracy_vs_single"]["srv_fdp"]["verdict"] in ("no loss", "loss", "cannot tell")
   assert "## Robustness at FAR 0.01" in (out / "REPORT_v2.md").read_text()
   assert res["transfer"] is not None and set(res["transfer"]["targets"]) == {"srv_fdp"}

@@ -68,3 +68,18 @@ def test_accuracy_difference_matches_the_protocol():
   acc = lambda r: verification.kfold_accuracy(r["test_pairs"]["insightface"], issame, folds=fold)[0]  # noqa: E731
   assert np.isclose(d["difference"], acc(a[0]) - np.mean([acc(r) for r in b]))
   assert d["lo"] <= d["difference"] <= d["hi"] and d["seeds"] == [1, 2]
+
+
+def test_claim_verdicts_need_every_comparison():
+  from faceens import reproduce_summary as rs
+  more = {"verdict": "more robust"}
+  same = {"verdict": "equivalent (within +-0.02)"}
+  claim = lambda vs, missing, expects="more robust": rs._claim_verdict(  # noqa: E731
+      {"comparisons": vs, "comparisons_missing": missing, "expects": expects})
+  assert claim([more, more], 0) == "supported"
+  assert claim([more], 5) == "incomplete (1 of 6 comparisons run, so far consistent)"
+  assert claim([more, same], 4) == "contradicted"   # one contradiction settles it
+  assert claim([more, {"verdict": "cannot tell"}], 0) == "cannot tell"
+  assert claim([], 1) == "not run"
+  assert claim([same], 0, "equivalent or less robust") == "supported"
+  assert claim([more], 0, "equivalent or less robust") == "contradicted"
