@@ -505,12 +505,12 @@ def _define_flags():
   flags.DEFINE_integer("seed", 0, "pair sampling seed")
   flags.DEFINE_integer("batch_size", 64, "examples per jitted batch (sharded over devices)")
   flags.DEFINE_integer("max_iters", 5000, "iteration cap (reported)")
-  flags.DEFINE_float("epsilon", 0.1, "bim/pgd L_inf radius (paper 0.1)")
+  flags.DEFINE_float("epsilon", 0.1, "bim/pgd L_inf radius (paper 0.1); pgd_l2: L2 radius")
   flags.DEFINE_float("step_size", 1 / 255, "sign-step size in [0, 1] pixel units")
   flags.DEFINE_float("cw_lr", 0.01, "cw Adam learning rate on tanh-space variables")
   flags.DEFINE_float("cw_c", 0.1, "cw initial weight of the distance term (x10 when stuck)")
   flags.DEFINE_integer("cw_patience", 20, "cw: iterations without a smaller successful L2")
-  flags.DEFINE_integer("restarts", 1, "pgd random restarts")
+  flags.DEFINE_integer("restarts", 1, "pgd / pgd_l2 random restarts")
   sharding.define_distributed_flags()
   flags.adopt_module_key_flags(sharding)  # the distributed flags in --help
   for name in ("source_workdir", "batch_size", "max_iters", "step_size", "cw_lr", "cw_c",

@@ -23,10 +23,18 @@ it, under an L_inf budget from every successful example's L_inf (PGD's included)
 ``pgd_breaks_missed_by_minimal_norm`` counts, per L_inf budget, the pairs PGD breaks inside it
 where no minimal-norm attack's example is that small in L_inf. I-FGSM, CW and BIM minimise L2 (or
 stop at the goal), not L_inf, so such pairs are expected and are not by themselves a sign of
-gradient masking; a check in L2 needs fixed-budget L2 PGD, which this stage does not run yet.
+gradient masking. The check in L2 is ``pgd_l2_breaks_missed_by_minimal_norm``: per L2 budget of
+``pgd_l2_budgets``, the pairs fixed-budget L2 PGD (``pgd_l2_<budget>``, ``pgd_restarts`` random
+starts) breaks inside it while the minimal-norm attacks found no example of L2 <= budget. Those
+attacks minimise L2, so a count above 0 means they missed easier examples (e.g. gradient masking
+that random starts get around); the worst case includes PGD's examples either way.
 
 Results go to ``<out>/per_run/<run>/robustness.json`` (summary, curves) and
-``robustness.npz`` (per-pair arrays), so they outlive the run directories.
+``robustness.npz`` (per-pair arrays), so they outlive the run directories. Each attack's result
+is also kept as it finishes in ``<workdir>/suite_robustness/`` (keyed by its settings, the
+checkpoint step, the pairs and the threshold), so an interrupted stage resumes after the last
+finished attack and a plan that gains an attack runs only that one; results of an attack whose
+settings did not change are also taken from an existing ``robustness.npz``.
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ class RobustPlan:
   pgd_budgets: tuple[float, ...] = (1.0 / 255, 2.0 / 255, 4.0 / 255)
   pgd_restarts: int = 5
   pgd_steps: int = 20                  # per restart, step = budget / 4
+  pgd_l2_budgets: tuple[float, ...] = (0.5, 1.0)  # fixed-budget L2 PGD: the masking check in L2
   l2_budgets: tuple[float, ...] = tuple(float(v) for v in np.round(np.geomspace(0.05, 2.0, 12), 4))
   linf_budgets: tuple[float, ...] = (0.5 / 255, 1.0 / 255, 2.0 / 255, 4.0 / 255, 8.0 / 255)
   chunk: int = 8
@@ -72,6 +81,9 @@ class RobustPlan:
     for b in self.pgd_budgets:
       out[f"pgd_{b * 255:g}"] = lots.AttackConfig(method="pgd", epsilon=b, step_size=b / 4,
                                                   max_iters=self.pgd_steps)
+    for b in self.pgd_l2_budgets:
+      out[f"pgd_l2_{b:g}"] = lots.AttackConfig(method="pgd_l2", epsilon=b, step_size=b / 4,
+                                               max_iters=self.pgd_steps)
     return {k: v.validate() for k, v in out.items()}
 
   def as_dict(self) -> dict:
@@ -80,7 +92,9 @@ class RobustPlan:
 
 SMOKE_ROBUST_PLAN = RobustPlan(step_size=2.0 / 255, max_iters=12, cw_max_iters=12, cw_patience=3,
                                bim_max_iters=6, pgd_budgets=(4.0 / 255,), pgd_restarts=2,
-                               pgd_steps=4, chunk=4, batch_size=16)
+                               pgd_steps=4, pgd_l2_budgets=(1.0,), chunk=4, batch_size=16)
+
+FIELDS = ("l2", "linf", "success", "iterations", "distance")
 
 
 def _one_attack(model, x_src, emb_t, goal, cfg, plan: RobustPlan, seed: int, progress, desc):
@@ -136,6 +150,76 @@ def robust_accuracy_linf(per_attack: dict, pre_accepted, budgets) -> list[float]
   return out
 
 
+def _attack_key(cfg, plan: RobustPlan, name: str, step: int, pairs: list, goal: float) -> str:
+  """What one attack's per-pair result depends on (its cache key)."""
+  restarts = plan.pgd_restarts if name.startswith("pgd") else 1
+  return json.dumps({"config": dataclasses.asdict(cfg), "restarts": restarts, "step": step,
+                     "pairs": pairs, "threshold": goal}, sort_keys=True)
+
+
+def _previous_results(out_dir: str, n: int):
+  """``(far, name, cfg, plan, step, pairs, goal) -> full result or None``, from an existing
+  ``robustness.json`` / ``.npz`` (what an earlier plan already computed)."""
+  path = os.path.join(out_dir, "robustness.json")
+  if not (os.path.isfile(path) and os.path.isfile(os.path.join(out_dir, "robustness.npz"))):
+    return lambda *a: None
+  with open(path) as f:
+    doc = json.load(f)
+  with np.load(os.path.join(out_dir, "robustness.npz")) as z:
+    arrays = {k: z[k] for k in z.files}
+  key = doc.get("key", {})
+
+  def lookup(far, name, cfg, plan, step, pairs, goal):
+    point = doc.get("operating_points", {}).get(far, {})
+    entry = point.get("attacks", {}).get(name)
+    old_plan = key.get("plan", {})
+    if entry is None or key.get("step") != step or key.get("pairs") != pairs:
+      return None
+    restarts = old_plan.get("pgd_restarts") if name.startswith("pgd") else 1
+    want_restarts = plan.pgd_restarts if name.startswith("pgd") else 1
+    if (point.get("threshold") != goal or restarts != want_restarts
+        or entry.get("config") != json.loads(json.dumps(dataclasses.asdict(cfg)))):
+      return None
+    try:
+      full = {k: arrays[f"{far}/{name}/{k}"] for k in FIELDS}
+    except KeyError:
+      return None
+    if any(len(v) != n for v in full.values()):
+      return None
+    return full | {"seconds": float(entry.get("seconds", 0.0))}
+  return lookup
+
+
+def _cached(cache_dir: str, tag: str, key: str, compute) -> dict:
+  """``compute()`` (a full per-pair result), kept in ``cache_dir/tag.npz`` under ``key``."""
+  path = os.path.join(cache_dir, tag + ".npz")
+  if os.path.isfile(path):
+    with np.load(path) as z:
+      if str(z["key"]) == key:
+        return {k: z[k] for k in FIELDS} | {"seconds": float(z["seconds"])}
+  r = compute()
+  os.makedirs(cache_dir, exist_ok=True)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, key=np.asarray(key), seconds=np.asarray(r["seconds"]),
+           **{k: r[k] for k in FIELDS})
+  os.replace(tmp, path)
+  return r
+
+
+def _missed(per_attack: dict, pre, budgets, pgd_name, norm: str) -> dict:
+  """Per budget: pairs the fixed-budget attack ``pgd_name(b)`` breaks inside ``b`` that no
+  minimal-norm attack (every non-PGD attack) broke with an example of ``norm`` <= ``b``."""
+  minimal = {k: v for k, v in per_attack.items() if not k.startswith("pgd")}
+  out = {}
+  for b, label in budgets:
+    by_pgd = per_attack[pgd_name(b)]["success"]
+    by_minimal = np.zeros(len(pre), bool)
+    for r in minimal.values():
+      by_minimal |= r["success"] & (r[norm] <= b + 1e-7)
+    out[label] = int(np.sum(by_pgd & ~by_minimal & ~pre))
+  return out
+
+
 def attack_run(model, pairs: dict, calibration_doc: dict, plan: RobustPlan, out_dir: str,
                progress: bool = True) -> dict:
   """The stage on one run (see the module docstring); reused when done with the same plan."""
@@ -152,6 +236,9 @@ def attack_run(model, pairs: dict, calibration_doc: dict, plan: RobustPlan, out_
   emb_t = ensemble.ensemble_embedding(model.member_features(x_tgt))
   d0 = np.linalg.norm(model.embed(x_src) - emb_t, axis=1)
   n = len(x_src)
+  previous = _previous_results(out_dir, n)
+  cache_dir = os.path.join(model.workdir, "suite_robustness")
+  pair_names = json.loads(json.dumps(pairs["names"]))
   arrays, summary = {"clean_distance": d0}, {}
   for far, point in calibration_doc["operating_points"].items():
     goal = float(point["threshold"])
@@ -160,19 +247,29 @@ def attack_run(model, pairs: dict, calibration_doc: dict, plan: RobustPlan, out_
     per_attack = {}
     for name, cfg in plan.configs().items():
       desc = f"{model.config.method} FAR {far} {name}"
-      if not len(todo):
-        r = {"l2": np.zeros(0), "linf": np.zeros(0), "success": np.zeros(0, bool),
-             "iterations": np.zeros(0, np.int64), "distance": np.zeros(0), "seconds": 0.0}
-      elif name.startswith("pgd"):
-        r = _pgd(model, x_src[todo], emb_t[todo], goal, cfg, plan, progress, desc)
-      else:
-        r = _one_attack(model, x_src[todo], emb_t[todo], goal, cfg, plan, seed=0,
-                        progress=progress, desc=desc)
-      full = {"l2": np.full(n, np.nan), "linf": np.full(n, np.nan),
-              "success": np.zeros(n, bool), "iterations": np.zeros(n, np.int64),
-              "distance": d0.copy()}
-      for k in full:
-        full[k][todo] = r[k]
+
+      def compute(name=name, cfg=cfg, desc=desc):
+        old = previous(far, name, cfg, plan, model.step, pair_names, goal)
+        if old is not None:
+          return old
+        if not len(todo):
+          r = {"l2": np.zeros(0), "linf": np.zeros(0), "success": np.zeros(0, bool),
+               "iterations": np.zeros(0, np.int64), "distance": np.zeros(0), "seconds": 0.0}
+        elif name.startswith("pgd"):
+          r = _pgd(model, x_src[todo], emb_t[todo], goal, cfg, plan, progress, desc)
+        else:
+          r = _one_attack(model, x_src[todo], emb_t[todo], goal, cfg, plan, seed=0,
+                          progress=progress, desc=desc)
+        full = {"l2": np.full(n, np.nan), "linf": np.full(n, np.nan),
+                "success": np.zeros(n, bool), "iterations": np.zeros(n, np.int64),
+                "distance": d0.copy()}
+        for k in full:
+          full[k][todo] = r[k]
+        return full | {"seconds": r["seconds"]}
+
+      full = _cached(cache_dir, f"{far}_{name}",
+                     _attack_key(cfg, plan, name, model.step, pair_names, goal), compute)
+      seconds = full.pop("seconds")
       per_attack[name] = full
       for k, v in full.items():
         arrays[f"{far}/{name}/{k}"] = v
@@ -185,20 +282,12 @@ def attack_run(model, pairs: dict, calibration_doc: dict, plan: RobustPlan, out_
           "iterations_median": float(np.median(full["iterations"][todo])) if len(todo) else None,
           "hit_cap": int(np.sum(full["iterations"][todo] >= cfg.max_iters * (
               plan.pgd_restarts if name.startswith("pgd") else 1))),
-          "seconds": r["seconds"]}
+          "seconds": seconds}
       if progress:
         s = summary[far]["attacks"][name]
         print(f"  FAR {far} {name}: success {s['success_rate']}, median L2 {s['l2_median']}, "
               f"{s['seconds']:.0f} s", flush=True)
     worst = worst_case_l2(per_attack, pre)
-    minimal = {k: v for k, v in per_attack.items() if not k.startswith("pgd")}
-    masking = {}
-    for b in plan.pgd_budgets:
-      by_pgd = per_attack[f"pgd_{b * 255:g}"]["success"]
-      by_minimal = np.zeros(n, bool)
-      for r in minimal.values():
-        by_minimal |= r["success"] & (r["linf"] <= b + 1e-7)
-      masking[f"{b * 255:g}/255"] = int(np.sum(by_pgd & ~by_minimal & ~pre))
     arrays[f"{far}/worst_case_l2"] = worst
     arrays[f"{far}/pre_accepted"] = pre
     summary[far].update({
@@ -208,11 +297,19 @@ def attack_run(model, pairs: dict, calibration_doc: dict, plan: RobustPlan, out_
         "robust_accuracy_linf": dict(zip([f"{b * 255:g}/255" for b in plan.linf_budgets],
                                          robust_accuracy_linf(per_attack, pre,
                                                               plan.linf_budgets))),
-        "pgd_breaks_missed_by_minimal_norm": masking})
-  np.savez_compressed(os.path.join(out_dir, "robustness.npz"), **arrays)
+        "pgd_breaks_missed_by_minimal_norm": _missed(
+            per_attack, pre, [(b, f"{b * 255:g}/255") for b in plan.pgd_budgets],
+            lambda b: f"pgd_{b * 255:g}", "linf"),
+        "pgd_l2_breaks_missed_by_minimal_norm": _missed(
+            per_attack, pre, [(b, f"{b:g}") for b in plan.pgd_l2_budgets],
+            lambda b: f"pgd_l2_{b:g}", "l2")})
+  tmp = os.path.join(out_dir, "robustness.tmp.npz")
+  np.savez_compressed(tmp, **arrays)
+  os.replace(tmp, os.path.join(out_dir, "robustness.npz"))
   doc = {"key": key, "pairs": int(n), "operating_points": summary}
-  with open(path, "w") as f:
+  with open(path + ".tmp", "w") as f:
     json.dump(doc, f, indent=2)
+  os.replace(path + ".tmp", path)
   return doc
 
 

@@ -2,6 +2,7 @@
 
 import textwrap
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -129,6 +130,41 @@ def test_members_objective_and_pgd_restarts(small_model):
   both = one["success"] & three["success"]
   assert (three["l2"][both] <= one["l2"][both] + 1e-6).all()
   assert np.abs(three["x_adv"] - xs).max() <= 0.05 + 1e-6
+
+
+def test_l2_projection_matches_numpy():
+  rng = np.random.default_rng(0)
+  x_src = rng.uniform(0, 1, (5, 2, 2, 1)).astype(np.float32)
+  x = (x_src + rng.normal(0, 0.4, x_src.shape)).astype(np.float32)
+  x[0] = x_src[0] + 0.01  # inside the ball: only the [0, 1] clip applies
+  cfg = lots.AttackConfig(method="pgd_l2", epsilon=0.3)
+  got = np.asarray(lots.project(jnp.asarray(x_src), jnp.asarray(x), cfg, "l2"))
+  d = (x - x_src).reshape(5, -1).astype(np.float64)
+  n = np.linalg.norm(d, axis=1, keepdims=True)
+  want = np.clip(x_src.reshape(5, -1) + d * np.minimum(1.0, 0.3 / n), 0, 1).reshape(x.shape)
+  # float32 rounding of a 4-element norm and one multiply: a few eps of values <= 1.
+  np.testing.assert_allclose(got, want, atol=8 * np.finfo(np.float32).eps)
+  assert (np.linalg.norm((got - x_src).reshape(5, -1), axis=1) <= 0.3 * (1 + 1e-6)).all()
+
+
+def test_pgd_l2_converges_to_the_closest_point_of_the_ball():
+  # E(x) = x, target t out of reach: the loss ||x - t||^2 over the L2 ball of radius eps around
+  # x_s is smallest at x* = x_s + eps (t - x_s) / ||t - x_s||; normalised steps of eps / 4 from
+  # any random start move along the sphere towards it and stay there (a fixed point).
+  eps = 0.1
+  x_src = np.full((3, 2, 2, 1), 0.5, np.float32)
+  t = np.array([[0.9, 0.5, 0.3, 0.6], [0.1, 0.1, 0.9, 0.9], [0.5, 0.5, 0.5, 0.95]], np.float32)
+  cfg = lots.AttackConfig(method="pgd_l2", epsilon=eps, step_size=eps / 4, max_iters=300)
+  r = lots.attack(linear_apply, ID, x_src, t, 0.01, cfg)
+  u = (t - 0.5) / np.linalg.norm(t - 0.5, axis=1, keepdims=True)
+  np.testing.assert_allclose(r["x_adv"].reshape(3, 4), 0.5 + eps * u, atol=1e-5)
+  assert not r["success"].any() and (r["iterations"] == 300).all()
+  np.testing.assert_allclose(r["distance"], np.linalg.norm(t - 0.5, axis=1) - eps, atol=1e-5)
+  assert (r["l2"] <= eps * (1 + 1e-6)).all()
+  # The random starts (a goal of inf is met before the first step): inside the ball, distinct.
+  starts = lots.attack(linear_apply, ID, x_src, t, np.inf, cfg, key=jax.random.PRNGKey(3))
+  assert (starts["iterations"] == 0).all() and (starts["l2"] <= eps * (1 + 1e-6)).all()
+  assert (starts["l2"] > 0).all() and len(np.unique(starts["x_adv"].reshape(3, 4), axis=0)) == 3
 
 
 def test_tau_curve_is_eq1_and_monotone():

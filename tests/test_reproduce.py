@@ -83,7 +83,7 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
     assert set(rob["operating_points"]) == {"0.1", "0.01"}
     with np.load(out / "per_run" / f"arcface_{m}_s0" / "robustness.npz") as z:
       for far, point in rob["operating_points"].items():
-        assert set(point["attacks"]) == {"ifgsm", "cw", "bim", "pgd_4"}
+        assert set(point["attacks"]) == {"ifgsm", "cw", "bim", "pgd_4", "pgd_l2_1"}
         assert point["pre_accepted"] + point["attacked"] == 4
         l2 = np.stack([np.where(z[f"{far}/{a}/success"], z[f"{far}/{a}/l2"], np.inf)
                        for a in point["attacks"]]).min(axis=0)

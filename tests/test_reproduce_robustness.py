@@ -1,5 +1,7 @@
 """faceens.reproduce_robustness: worst case over attacks and robust accuracy, by hand."""
 
+import os
+
 import numpy as np
 
 from faceens import reproduce_robustness as rr
@@ -23,10 +25,25 @@ def test_worst_case_and_robust_accuracy_hand_computed():
   assert rr.robust_accuracy_linf(per_attack, pre, [1 / 255, 2 / 255, 5 / 255]) == [0.75, 0.5, 0.25]
 
 
+def test_pgd_breaks_missed_by_minimal_norm_by_hand():
+  pre = np.array([False, False, False, True])
+  per_attack = {
+      "ifgsm": {"l2": np.array([0.4, 0.9, 2.0, np.nan]), "success": np.array([True, True, False, False])},
+      "cw": {"l2": np.array([0.3, 0.7, 1.5, np.nan]), "success": np.array([True, True, True, False])},
+      # PGD in L2 at 0.5 breaks pairs 0 (CW found 0.3 too), 1 (the minimal-norm attacks needed
+      # 0.7: missed) and 3 (clean, not counted); at 1.0 pairs 1 (CW 0.7 <= 1) and 2 (missed).
+      "pgd_l2_0.5": {"l2": np.array([0.5, 0.5, np.nan, 0.1]), "success": np.array([True, True, False, True])},
+      "pgd_l2_1": {"l2": np.array([np.nan, 1.0, 1.0, np.nan]), "success": np.array([False, True, True, False])},
+  }
+  got = rr._missed(per_attack, pre, [(0.5, "0.5"), (1.0, "1")], lambda b: f"pgd_l2_{b:g}", "l2")
+  assert got == {"0.5": 1, "1": 1}
+
+
 def test_plan_attacks_and_budgets():
   plan = rr.RobustPlan()
   cfgs = plan.configs()
-  assert set(cfgs) == {"ifgsm", "cw", "bim", "pgd_1", "pgd_2", "pgd_4"}
+  assert set(cfgs) == {"ifgsm", "cw", "bim", "pgd_1", "pgd_2", "pgd_4", "pgd_l2_0.5", "pgd_l2_1"}
+  assert cfgs["pgd_l2_0.5"].method == "pgd_l2" and cfgs["pgd_l2_0.5"].epsilon == 0.5
   # BIM's epsilon binds: 200 steps of 1/255 could go 200/255 >> 0.05 = 12.75/255.
   assert cfgs["bim"].epsilon == 0.05 and plan.bim_max_iters * plan.bim_step > plan.bim_epsilon
   assert cfgs["pgd_2"].epsilon == 2 / 255 and cfgs["pgd_2"].step_size == 0.5 / 255
@@ -83,3 +100,52 @@ def test_claim_verdicts_need_every_comparison():
   assert claim([], 1) == "not run"
   assert claim([same], 0, "equivalent or less robust") == "supported"
   assert claim([more], 0, "equivalent or less robust") == "contradicted"
+
+
+def test_attack_results_are_cached_resumed_and_reused(run_dir, tmp_path, monkeypatch):
+  """An interrupted stage resumes after its last finished attack; a plan that gains an attack runs
+  only that one, also when the per-attack cache is gone and only robustness.npz is left."""
+  from faceens import api
+  from tests.builders import attack_faces
+  model = api.load(run_dir)
+  xs, xt = attack_faces(model, n=3)
+  d0 = np.linalg.norm(model.embed(xs) - model.embed(xt), axis=1)
+  pairs = {"src": xs, "tgt": xt, "names": [["a", "b"], ["c", "d"], ["e", "f"]]}
+  cal = {"operating_points": {"0.1": {"threshold": float(0.8 * d0.max())}}}
+  base = rr.SMOKE_ROBUST_PLAN
+  plan = rr.RobustPlan(**{**rr.dataclasses.asdict(base), "pgd_l2_budgets": ()})
+  calls = []
+  real = rr._one_attack
+
+  def counting(model, x_src, emb_t, goal, cfg, plan, seed, progress, desc):
+    calls.append(desc)
+    if fail_at and len(calls) == fail_at:
+      raise KeyboardInterrupt
+    return real(model, x_src, emb_t, goal, cfg, plan, seed, progress, desc)
+
+  monkeypatch.setattr(rr, "_one_attack", counting)
+  out = tmp_path / "out"
+  out.mkdir()
+  # ifgsm, cw, bim, then 2 PGD restarts: 5 calls; interrupted in the 4th (the first PGD restart).
+  fail_at = 4
+  try:
+    rr.attack_run(model, pairs, cal, plan, str(out), progress=False)
+  except KeyboardInterrupt:
+    pass
+  assert len(calls) == 4 and not (out / "robustness.json").exists()
+  calls.clear()
+  fail_at = 0
+  first = rr.attack_run(model, pairs, cal, plan, str(out), progress=False)
+  assert [c.split()[-3] if "restart" in c else c.split()[-1] for c in calls] == ["pgd_4", "pgd_4"]
+  # The plan gains fixed-budget L2 PGD; the cache is gone, robustness.npz holds the rest.
+  import shutil
+  shutil.rmtree(os.path.join(run_dir, "suite_robustness"))
+  calls.clear()
+  second = rr.attack_run(model, pairs, cal, base, str(out), progress=False)
+  assert len(calls) == base.pgd_restarts and all("pgd_l2_1" in c for c in calls)
+  for name, entry in first["operating_points"]["0.1"]["attacks"].items():
+    assert second["operating_points"]["0.1"]["attacks"][name] == entry
+  assert set(second["operating_points"]["0.1"]["pgd_l2_breaks_missed_by_minimal_norm"]) == {"1"}
+  # Done with the same plan: nothing runs at all.
+  calls.clear()
+  assert rr.attack_run(model, pairs, cal, base, str(out), progress=False) == second and not calls

@@ -11,6 +11,10 @@ towards precomputed target features ``t``, with one of these step rules:
   * ``mifgsm``: sign steps of the accumulated L1-normalised gradient (Dong et al. 2018, mu = 1);
   * ``pgd``: BIM from a uniform random start in the ball (Madry et al.); ``restarts`` > 1 reruns the
     batch from fresh random starts and keeps each example's least-perturbed success;
+  * ``pgd_l2``: PGD in L2 (Madry et al.): steps ``x -= a * g / ||g||_2`` projected onto the L2 ball of
+    radius ``epsilon`` around the source (then onto [0, 1], which keeps it inside the ball), from a
+    random start: a uniform direction at a radius uniform in ``[0, epsilon]``; ``restarts`` as
+    ``pgd``;
   * ``cw``: Carlini-Wagner L2 in tanh space, ``||x - x_s||^2 + c * max(d^2 / goal^2 - 1, 0)``
     (the hinge relative to the goal), minimised with Adam. ``c`` starts at ``cw_c`` and grows
     tenfold after every ``max(cw_patience, 10)`` iterations without success (in place of Carlini and
@@ -41,7 +45,8 @@ import numpy as np
 
 from faceens.models import ensemble
 
-METHODS = ("lots", "ifgsm", "bim", "mifgsm", "pgd", "cw")
+METHODS = ("lots", "ifgsm", "bim", "mifgsm", "pgd", "pgd_l2", "cw")
+RANDOM_START = ("pgd", "pgd_l2")  # random starts, and restarts from new ones
 OBJECTIVES = ("ensemble", "members")
 
 
@@ -49,10 +54,10 @@ OBJECTIVES = ("ensemble", "members")
 class AttackConfig:
   method: str = "ifgsm"
   step_size: float = 1.0 / 255     # lots / ifgsm / bim / mifgsm / pgd: pixel units in [0, 1]
-  epsilon: float = 0.1             # bim / pgd: L_inf radius (paper: 0.1)
+  epsilon: float = 0.1             # bim / pgd: L_inf radius (paper: 0.1); pgd_l2: L2 radius
   max_iters: int = 5000            # cap (the paper: none); reported per example
   momentum: float = 1.0            # mifgsm decay mu
-  restarts: int = 1                # pgd: random restarts for the examples still failing
+  restarts: int = 1                # pgd / pgd_l2: random restarts for the examples still failing
   cw_lr: float = 0.01              # cw: Adam learning rate on tanh-space variables (see README)
   cw_c: float = 0.1                # cw: initial weight of the distance hinge (x10 when stuck)
   cw_patience: int = 20            # cw: iterations without a smaller successful L2 before done
@@ -108,11 +113,11 @@ def make_losses(features: Callable, targets, objective: str):
 @dataclasses.dataclass(frozen=True)
 class StepRule:
   """A gradient step rule: ``init(x0) -> aux`` and ``direction(g, aux, active, cfg) -> (step,
-  aux)``; the iterate moves to ``clip(x - cfg.step_size * step)``, clipped to [0, 1] or, when
-  ``projected``, to the L_inf ball of ``cfg.epsilon`` around the source."""
+  aux)``; the iterate moves to ``x - cfg.step_size * step``, projected (``project``: ``"linf"`` or
+  ``"l2"``) onto that ball of radius ``cfg.epsilon`` around the source, then clipped to [0, 1]."""
   init: Callable
   direction: Callable
-  projected: bool = False
+  project: str | None = None
 
 
 def _no_aux(x0):
@@ -130,6 +135,12 @@ def _sign_direction(g, aux, active, cfg):
   return jnp.sign(g), aux
 
 
+def _l2_direction(g, aux, active, cfg):
+  """PGD in L2: the gradient scaled to unit L2 norm per example."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(g), axis=_rest(g), keepdims=True))
+  return g / jnp.maximum(norm, 1e-30), aux
+
+
 def _momentum_direction(g, aux, active, cfg):
   """MI-FGSM (Dong et al. 2018): the sign of ``mu * m + g / ||g||_1``."""
   l1 = jnp.sum(jnp.abs(g), axis=_rest(g), keepdims=True)
@@ -140,8 +151,9 @@ def _momentum_direction(g, aux, active, cfg):
 STEP_RULES = {
     "lots": StepRule(_no_aux, _lots_direction),
     "ifgsm": StepRule(_no_aux, _sign_direction),
-    "bim": StepRule(_no_aux, _sign_direction, projected=True),
-    "pgd": StepRule(_no_aux, _sign_direction, projected=True),
+    "bim": StepRule(_no_aux, _sign_direction, project="linf"),
+    "pgd": StepRule(_no_aux, _sign_direction, project="linf"),
+    "pgd_l2": StepRule(_no_aux, _l2_direction, project="l2"),
     "mifgsm": StepRule(lambda x0: (jnp.zeros_like(x0),), _momentum_direction),
 }
 
@@ -212,6 +224,12 @@ def init_state(losses, x_src, x0, goal, cfg: AttackConfig, key):
     lo, hi = _ball(x_src, cfg)
     x0 = jnp.clip(x0 + jax.random.uniform(key, x0.shape, x0.dtype, -cfg.epsilon, cfg.epsilon),
                   lo, hi)
+  if cfg.method == "pgd_l2":
+    k_dir, k_rad = jax.random.split(key)
+    u = jax.random.normal(k_dir, x0.shape, x0.dtype)
+    u = u / jnp.sqrt(jnp.sum(jnp.square(u), axis=_rest(u), keepdims=True))
+    r = jax.random.uniform(k_rad, (b,) + (1,) * (x0.ndim - 1), x0.dtype, 0.0, cfg.epsilon)
+    x0 = project(x_src, x0 + r * u, cfg, "l2")
   if cfg.method == "cw":
     aux0, done0 = _cw_init(losses, x_src, x0, goal, cfg)
   else:
@@ -228,6 +246,20 @@ def _ball(x_src, cfg):
   return jnp.clip(x_src - cfg.epsilon, 0.0, 1.0), jnp.clip(x_src + cfg.epsilon, 0.0, 1.0)
 
 
+def project(x_src, x, cfg: AttackConfig, ball: str | None):
+  """``x`` onto the ``ball`` (``"linf"``, ``"l2"`` or None) of radius ``cfg.epsilon`` around
+  ``x_src``, then onto [0, 1]. Clipping after the L2 projection cannot leave the ball: with
+  ``x_src`` in [0, 1] it only shrinks each coordinate of ``x - x_src`` towards 0."""
+  if ball == "linf":
+    lo, hi = _ball(x_src, cfg)
+    return jnp.clip(x, lo, hi)
+  if ball == "l2":
+    d = x - x_src
+    norm = jnp.sqrt(jnp.sum(jnp.square(d), axis=_rest(d), keepdims=True))
+    x = x_src + d * jnp.minimum(1.0, cfg.epsilon / jnp.maximum(norm, 1e-30))
+  return jnp.clip(x, 0.0, 1.0)
+
+
 def run_state(losses, x_src, state, goal, cfg: AttackConfig):
   """Up to ``cfg.max_iters`` more iterations from ``state`` (``init_state``); the new state.
   Iterations of one example depend on its own state only: resuming a subset gives each of its
@@ -236,8 +268,6 @@ def run_state(losses, x_src, state, goal, cfg: AttackConfig):
     # One forward and backward pass gives the step direction and the current distance.
     loss, vjp, dist = jax.vjp(losses, x, has_aux=True)
     return vjp(jnp.ones_like(loss))[0], dist
-
-  lo, hi = _ball(x_src, cfg)
 
   def cond(s):
     i, (_, done, _, _) = s
@@ -252,8 +282,7 @@ def run_state(losses, x_src, state, goal, cfg: AttackConfig):
     done = done | (dist < goal)
     active = ~done
     step, aux = rule.direction(g, aux, active, cfg)
-    x_new = x - cfg.step_size * step
-    x_new = jnp.clip(x_new, lo, hi) if rule.projected else jnp.clip(x_new, 0.0, 1.0)
+    x_new = project(x_src, x - cfg.step_size * step, cfg, rule.project)
     x = jnp.where(_bcast(active, x), x_new, x)
     return i + 1, (x, done, iters + active.astype(jnp.int32), aux)
 
@@ -343,11 +372,11 @@ def attack(apply, variables, x_src, targets, goal, cfg: AttackConfig, *, x_init=
 
 def attack_with_restarts(apply, variables, x_src, targets, goal, cfg: AttackConfig, *,
                          x_init=None, seed: int = 0, mesh=None) -> dict:
-  """``attack``; for ``pgd`` with ``restarts > 1`` the batch reruns from new random starts and
+  """``attack``; for ``pgd`` / ``pgd_l2`` with ``restarts > 1`` the batch reruns from new random starts and
   each example keeps its least-perturbed success (iterations add up over restarts)."""
   out = attack(apply, variables, x_src, targets, goal, cfg, x_init=x_init,
                key=jax.random.PRNGKey(seed), mesh=mesh)
-  if cfg.method != "pgd":
+  if cfg.method not in RANDOM_START:
     return out
   for r in range(1, cfg.restarts):
     new = attack(apply, variables, x_src, targets, goal, cfg, x_init=x_init,
