@@ -1,5 +1,5 @@
 """Published face models into faceens: ``python -m faceens.import_model --from=backbone.pth
---arch=r50 --workdir=runs/r50``.
+--arch=r50 --workdir=runs/r50`` (or ``--from=w600k_r50.onnx``).
 
 Reads an arcface_torch ``state_dict`` (``backbone.pth`` of ``mbf``, ``r18``, ``r34``, ``r50``,
 ``r100``) without executing pickled code (``torch.load(..., weights_only=True)``: a pickle that
@@ -13,7 +13,12 @@ RGB, 112x112, ``(x - 127.5) / 127.5``). Several files of one architecture
 (``--from=a.pth,b.pth,c.pth``) become one ensemble of K members: E(x) is the mean of their
 normalised embeddings, attacked as one model like faceens' own ensembles.
 
-PyTorch is needed for ``.pth`` files only: ``pip install "faceens[import]"``.
+An ``.onnx`` file (InsightFace's model packs, or ``torch.onnx.export`` of an arcface_torch
+backbone) is mapped by the graph's structure, with BatchNorms folded into convolutions undone
+(``faceens.import_onnx``). Files of both formats can form one ensemble.
+
+PyTorch is needed for ``.pth`` files, the ``onnx`` package for ``.onnx`` files:
+``pip install "faceens[import]"``.
 """
 
 from __future__ import annotations
@@ -165,46 +170,65 @@ def model_config(arch: str, num_features: int, mbf: dict | None = None, members:
   return c
 
 
-def import_state(states: list[dict[str, np.ndarray]], arch: str, workdir: str, *,
-                 sources: list[str], fmt: str, sha256: list[str | None]) -> dict:
-  """Writes a run directory for ``states`` (one per member: K published models of the same
-  architecture form one ensemble, E(x) = the mean of their normalised embeddings); returns
-  ``import.json``."""
+def read_member(path: str, arch: str) -> tuple[dict, int, dict | None, int, str]:
+  """One published model file as ``(variables, num_features, mbf or None, tensors, format)``:
+  a ``.pth`` / ``.pt`` state_dict, or an ``.onnx`` graph (``faceens.import_onnx``)."""
   import jax
   import jax.numpy as jnp
-  import orbax.checkpoint as ocp
-  from faceens import models, provenance
+  from faceens import import_onnx, models
   from faceens.models import arcface_torch
   if arch not in arcface_torch.ARCHS:
     raise ModelImportError(f"unknown --arch={arch!r}; valid: {', '.join(arcface_torch.ARCHS)}")
-  shapes = []
-  for state, source in zip(states, sources):
-    mbf = infer_mbf(state) if arch == "mbf" else None
-    nf = mbf["num_features"] if mbf else infer_num_features(state, arch)
-    shapes.append((nf, mbf, source))
-  if len({json.dumps(x[:2]) for x in shapes}) > 1:
-    raise ModelImportError("the members differ in shape: " + "; ".join(
-        f"{src}: d = {nf}, {mbf or arch}" for nf, mbf, src in shapes) + " (an ensemble needs one "
-        "architecture and embedding size)")
-  nf, mbf, _ = shapes[0]
-  c = model_config(arch, nf, mbf, members=len(states))
-  model = models.get_model(c)
+  ext = os.path.splitext(path)[1].lower()
+  if ext == ".onnx":
+    if not os.path.isfile(path):
+      raise ModelImportError(f"{path} does not exist")
+    try:
+      tree, nf, mbf, count = import_onnx.read(path, arch)
+    except import_onnx.OnnxImportError as e:
+      raise ModelImportError(str(e)) from None
+    return tree, nf, mbf, count, "onnx"
+  if ext not in (".pth", ".pt"):
+    raise ModelImportError(f"--from={path}: expected a PyTorch .pth / .pt state_dict or an .onnx "
+                           "model")
+  state = read_pth(path)
+  mbf = infer_mbf(state) if arch == "mbf" else None
+  nf = mbf["num_features"] if mbf else infer_num_features(state, arch)
+  model = models.get_model(model_config(arch, nf, mbf))
   template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                                jnp.zeros((1, 112, 112, 3)), train=False))
-  members = [to_variables(state, template, source) for state, source in zip(states, sources)]
+  return to_variables(state, template, path), nf, mbf, len(state), "pytorch state_dict"
+
+
+def import_members(paths: list[str], arch: str, workdir: str) -> dict:
+  """Writes a run directory for the models in ``paths`` (one per member: K published models of
+  the same architecture form one ensemble, E(x) = the mean of their normalised embeddings);
+  returns ``import.json``."""
+  import jax
+  import orbax.checkpoint as ocp
+  from faceens import provenance
+  members = [read_member(p, arch) for p in paths]
+  if len({json.dumps([m[1], m[2]]) for m in members}) > 1:
+    raise ModelImportError("the members differ in shape: " + "; ".join(
+        f"{src}: d = {m[1]}, {m[2] or arch}" for m, src in zip(members, paths)) + " (an ensemble "
+        "needs one architecture and embedding size)")
+  _, nf, mbf, _, _ = members[0]
+  c = model_config(arch, nf, mbf, members=len(members))
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(c.to_json_best_effort(indent=2))
-  stacked = jax.tree.map(lambda *a: np.stack(a), *members)
+  stacked = jax.tree.map(lambda *a: np.stack(a), *[m[0] for m in members])
   tree = {"params": {"backbone": stacked["params"]}, "batch_stats": stacked["batch_stats"]}
   mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
                                item_names=("state",))
   mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(tree)), force=True)
   mngr.wait_until_finished()
   mngr.close()
-  doc = {"from": [os.path.abspath(s) for s in sources], "format": fmt, "sha256": sha256,
-         "arch": arch, "members": len(states), "num_features": nf, "mbf": mbf,
-         "input": INPUT_CONVENTION, "tensors": len(states[0]),
+  formats = sorted({m[4] for m in members})
+  doc = {"from": [os.path.abspath(s) for s in paths], "format": ", ".join(formats),
+         "formats": [m[4] for m in members], "sha256": [_sha256(p) for p in paths],
+         "arch": arch, "members": len(members), "num_features": nf, "mbf": mbf,
+         "input": INPUT_CONVENTION, "tensors": members[0][3],
          "imported_with": provenance.record()}
   with open(os.path.join(workdir, "import.json"), "w") as f:
     json.dump(doc, f, indent=2)
@@ -220,16 +244,14 @@ def _sha256(path: str) -> str:
 
 
 def run(source: str, arch: str, workdir: str) -> dict:
-  """Imports ``source`` (a ``.pth``, or several comma-separated: one ensemble) as ``arch``."""
+  """Imports ``source`` (a ``.pth`` / ``.onnx``, or several comma-separated: one ensemble) as
+  ``arch``."""
   if os.path.exists(os.path.join(workdir, "checkpoints")):
     raise ModelImportError(f"{workdir} already holds a run (checkpoints/); give a new --workdir")
   sources = [p for p in source.split(",") if p]
-  for path in sources:
-    if os.path.splitext(path)[1].lower() not in (".pth", ".pt"):
-      raise ModelImportError(f"--from={path}: expected a PyTorch .pth / .pt state_dict")
-  states = [read_pth(p) for p in sources]
-  return import_state(states, arch, workdir, sources=sources, fmt="pytorch state_dict",
-                      sha256=[_sha256(p) for p in sources])
+  if not sources:
+    raise ModelImportError("--from is empty: give a .pth or .onnx file")
+  return import_members(sources, arch, workdir)
 
 
 def main(argv):
@@ -251,8 +273,9 @@ def main(argv):
 def _define_flags():
   from absl import flags
   from faceens.models import arcface_torch
-  flags.DEFINE_string("from", None, "the checkpoint: an arcface_torch backbone.pth, or several "
-                      "comma-separated (same --arch): one ensemble of them")
+  flags.DEFINE_string("from", None, "the model: an arcface_torch backbone.pth or an ONNX file "
+                      "(e.g. InsightFace's w600k_r50.onnx), or several comma-separated (same "
+                      "--arch): one ensemble of them")
   flags.DEFINE_enum("arch", None, list(arcface_torch.ARCHS), "arcface_torch's architecture name")
   flags.DEFINE_string("workdir", None, "the run directory to write")
   flags.mark_flags_as_required(["from", "arch", "workdir"])

@@ -1,15 +1,18 @@
-"""faceens.import_model: arcface_torch state_dicts into faceens, equal to PyTorch's embeddings.
+"""faceens.import_model: arcface_torch state_dicts and ONNX graphs into faceens, equal to
+PyTorch's and onnxruntime's embeddings.
 
 No published weights are reachable here: the tests build PyTorch references of the
 architectures (``tests/torch_backbones.py``) with random weights and BatchNorm statistics, save
-their ``state_dict`` as ``.pth``, import it, and compare faceens' embeddings with PyTorch's
-(eval mode) on the same images.
+their ``state_dict`` as ``.pth`` or export them with ``torch.onnx.export`` (both exporters: they
+fold BatchNorms into convolutions and, the dynamo one, into the output FC), import them, and
+compare faceens' embeddings with PyTorch's and onnxruntime's (eval mode) on the same images.
 """
 
 import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -35,6 +38,24 @@ def _torch_embedding(net, x):
   with torch.no_grad():
     t = torch.from_numpy(np.ascontiguousarray(((x - 0.5) / 0.5).transpose(0, 3, 1, 2)))
     e = net(t).numpy().astype(np.float64)
+  return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+
+def _export_onnx(net, path, dynamo: bool):
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    torch.onnx.export(net.eval(), (torch.zeros(1, 3, 112, 112),), path, dynamo=dynamo,
+                      input_names=["data"], verbose=False)
+  return path
+
+
+def _ort_embedding(path, x):
+  ort = pytest.importorskip("onnxruntime")
+  sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+  name = sess.get_inputs()[0].name
+  rows = [sess.run(None, {name: ((x[i:i + 1] - 0.5) / 0.5).transpose(0, 3, 1, 2)})[0]
+          for i in range(len(x))]   # one image at a time: the export fixed the batch at 1
+  e = np.concatenate(rows).astype(np.float64)
   return e / np.linalg.norm(e, axis=1, keepdims=True)
 
 
@@ -71,6 +92,78 @@ def test_imported_embeddings_equal_pytorch(case, tmp_path):
   # The weights matter: another random network is far from this one.
   other = _torch_embedding(tb.randomize(build(), seed=99), x)
   assert np.abs(other - ref).max() > 100 * _bound(depth, fan_in)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_imported_onnx_equals_pytorch_and_onnxruntime(case, exporter, tmp_path):
+  onnx = pytest.importorskip("onnx")
+  arch, build, depth, fan_in = CASES[case]
+  net = tb.randomize(build(), seed=len(case))
+  path = _export_onnx(net, str(tmp_path / f"{case}.onnx"), exporter == "dynamo")
+  graph = onnx.load(path).graph
+  bn_modules = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+  bn_nodes = sum(n.op_type == "BatchNormalization" for n in graph.node)
+  assert bn_nodes < bn_modules  # the export folded BatchNorms: the case this import must undo
+  doc = import_model.run(path, arch, str(tmp_path / "run"))
+  assert doc["format"] == "onnx" and doc["arch"] == arch
+  model = faceens.load(str(tmp_path / "run"))
+  x = np.random.default_rng(0).random((3, 112, 112, 3), dtype=np.float32)
+  got = model.embed(x).astype(np.float64)
+  bound = _bound(depth, fan_in)
+  for ref_name, ref in (("pytorch", _torch_embedding(net, x)), ("onnxruntime", _ort_embedding(path, x))):
+    err = float(np.abs(got - ref).max())
+    print(f"IMPORT ONNX {case} {exporter} vs {ref_name}: max abs {err:.2e}, bound {bound:.2e} "
+          f"({bn_modules - bn_nodes} of {bn_modules} BatchNorms folded in the file)")
+    assert err <= bound, (case, exporter, ref_name, err, bound)
+
+
+def test_bad_onnx_files_are_one_line_errors(tmp_path):
+  onnx = pytest.importorskip("onnx")
+  from onnx import helper, numpy_helper
+  net = tb.randomize(tb.IResNet((2, 2, 2, 2), 32), seed=4)
+  good = _export_onnx(net, str(tmp_path / "r18.onnx"), dynamo=False)
+  cases = []
+
+  def variant(name, edit):
+    m = onnx.load(good)
+    edit(m.graph)
+    path = str(tmp_path / f"{name}.onnx")
+    onnx.save(m, path)
+    return path
+
+  def normalise_inside(g):   # MXNet conversions: (x - 127.5) * 0.0078125 in the graph
+    g.initializer.extend([numpy_helper.from_array(np.array(127.5, np.float32), "mean"),
+                          numpy_helper.from_array(np.array(0.0078125, np.float32), "scale")])
+    old = g.input[0].name
+    g.input[0].name = "raw"
+    g.node.insert(0, helper.make_node("Mul", ["centred", "scale"], [old], name="_mulscalar0"))
+    g.node.insert(0, helper.make_node("Sub", ["raw", "mean"], ["centred"], name="_minusscalar0"))
+  cases.append((variant("mxnet", normalise_inside), "r18",
+                "node _minusscalar0 (Sub) before the first convolution: the graph normalises its "
+                "input itself"))
+
+  def epsilon(g):
+    bn = next(n for n in g.node if n.op_type == "BatchNormalization")
+    next(a for a in bn.attribute if a.name == "epsilon").f = 2e-5
+  cases.append((variant("eps", epsilon), "r18", "has epsilon 2e-05; arcface_torch's BatchNorm"))
+
+  def extra_layer(g):
+    prelu = next(n for n in g.node if n.op_type == "PRelu")
+    g.node.append(helper.make_node("PRelu", [g.output[0].name, prelu.input[1]], ["extra"],
+                                   name="extra_prelu"))
+  cases.append((variant("extra", extra_layer), "r18",
+                "1 parametric nodes are left over after mapping every layer of r18 (first: node "
+                "extra_prelu (PRelu))"))
+  cases.append((good, "r34", "no node left for layer1_2/"))  # r34 has a 3rd block in stage 1
+  cases.append((good, "mbf", "not an arcface_torch MobileFaceNet"))
+  garbage = tmp_path / "garbage.onnx"
+  garbage.write_bytes(b"\x08\x07not a protobuf at all" * 10)
+  cases.append((str(garbage), "r18", "cannot be read as an ONNX model"))
+  for i, (path, arch, message) in enumerate(cases):
+    with pytest.raises(import_model.ModelImportError) as e:
+      import_model.run(path, arch, str(tmp_path / f"bad{i}"))
+    assert message in str(e.value) and "\n" not in str(e.value), (message, str(e.value))
 
 
 def test_bad_files_are_one_line_errors(tmp_path):
@@ -155,6 +248,12 @@ def test_published_models_as_one_ensemble(tmp_path):
   bound = _bound(30, 512)
   assert np.abs(model.embed(x) - np.mean(refs, axis=0)).max() <= bound
   assert np.abs(model.embed(x, member=2) - refs[2]).max() <= bound
+  # A .pth and an .onnx file form one ensemble too.
+  onnx_path = _export_onnx(nets[2], str(tmp_path / "m2.onnx"), dynamo=True)
+  doc = import_model.run(f"{paths[0]},{onnx_path}", "mbf", str(tmp_path / "mixed"))
+  assert doc["formats"] == ["pytorch state_dict", "onnx"]
+  mixed = faceens.load(str(tmp_path / "mixed"))
+  assert np.abs(mixed.embed(x) - np.mean([refs[0], refs[2]], axis=0)).max() <= bound
   other = tb.randomize(tb.MobileFaceNet(32, (1, 1, 1, 1), scale=1))
   torch.save(other.state_dict(), str(tmp_path / "d32.pth"))
   with pytest.raises(import_model.ModelImportError, match="the members differ in shape"):
