@@ -17,6 +17,7 @@ test-time flip ``normalise(e(x) + e(flip(x)))`` of the chosen embedding.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -151,6 +152,64 @@ class FaceModel:
     return emb
 
 
+class CombinedModel(FaceModel):
+  """An ensemble of runs of different architectures (``faceens.import_model`` with several
+  ``--arch``): E(x) is the mean of all their members' normalised features, one embedding
+  function for evaluation and attacks like a trained ensemble. ``variables`` is a tuple with one
+  stacked variables tree per run (``None`` for runs left out by ``member_variables``)."""
+
+  def __init__(self, runs: list[FaceModel], workdir: str | None = None,
+               threshold_from: str | None = None):
+    if not runs:
+      raise ValueError("a combined model needs at least one run")
+    sizes = {(r.input_size, r.embedding_dim) for r in runs}
+    if len(sizes) > 1:
+      raise ValueError("the runs of a combined model need one input size and embedding size, got "
+                       + ", ".join(f"{r.workdir}: {r.input_size}px, d={r.embedding_dim}"
+                                   for r in runs))
+    self.runs = list(runs)
+    self.config = copy.deepcopy(runs[0].config)
+    self.config.ensemble.num_members = sum(r.num_members for r in runs)
+    self.variables = tuple(r.variables for r in runs)
+    self.workdir = workdir
+    self.step = 0
+    self.model = None
+    self.input_size, self.embedding_dim = runs[0].input_size, runs[0].embedding_dim
+    self.num_members = int(self.config.ensemble.num_members)
+    self._jit_apply = None
+    self.threshold, self.paper_threshold, self.threshold_source = _thresholds(
+        workdir, threshold_from, None)
+
+  def __repr__(self):
+    parts = ", ".join(f"{r.config.model.get('arch', 'mobilefacenet')} x{r.num_members}"
+                      for r in self.runs)
+    return f"CombinedModel({parts}, input {self.input_size}px, d={self.embedding_dim})"
+
+  def member_variables(self, member=None):
+    """All runs' variables (``None``), or member ``k``'s: its run's stack of one, ``None`` for
+    the other runs."""
+    if member is None:
+      return self.variables
+    if not isinstance(member, (int, np.integer)) or not 0 <= member < self.num_members:
+      raise ValueError(f"member must be None (ensemble) or an integer in "
+                       f"[0, {self.num_members - 1}], got {member!r}")
+    out, first = [], 0
+    for r in self.runs:
+      local = member - first
+      out.append(r.member_variables(int(local)) if 0 <= local < r.num_members else None)
+      first += r.num_members
+    return tuple(out)
+
+  def apply(self, variables, x):
+    """Pure: ``(tuple of stacked variables, x) -> normalised features [K, B, d]`` of every run
+    whose variables are given, in run order."""
+    return jnp.concatenate([r.apply(v, x) for r, v in zip(self.runs, variables) if v is not None],
+                           axis=0)
+
+
+COMBINED = "combined.json"
+
+
 def _thresholds(workdir, threshold_from: str | None = None, step: int | None = None):
   """``(squared-L2 flip threshold, Euclidean no-flip threshold, source)`` of one evaluated set of
   ``workdir/eval.json``: ``threshold_from``, else the set recorded there as the default
@@ -230,6 +289,11 @@ def load(workdir: str, step: int | None = None, threshold_from: str | None = Non
   set); ``threshold_source`` names it."""
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"run directory {workdir!r} does not exist")
+  if os.path.isfile(os.path.join(workdir, COMBINED)):
+    with open(os.path.join(workdir, COMBINED)) as f:
+      doc = json.load(f)
+    runs = [load(os.path.join(workdir, r), step=None) for r in doc["runs"]]
+    return CombinedModel(runs, workdir=workdir, threshold_from=threshold_from)
   c = configs.load_run_config(workdir)
   ckpt = os.path.abspath(os.path.join(workdir, "checkpoints"))
   if not os.path.isdir(ckpt):

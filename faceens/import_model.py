@@ -11,7 +11,9 @@ name and shape, and writes a run directory that ``faceens.load``, ``evaluate``, 
 ``checkpoints/0`` and ``import.json`` (the source file, its SHA-256 and the input convention:
 RGB, 112x112, ``(x - 127.5) / 127.5``). Several files of one architecture
 (``--from=a.pth,b.pth,c.pth``) become one ensemble of K members: E(x) is the mean of their
-normalised embeddings, attacked as one model like faceens' own ensembles.
+normalised embeddings, attacked as one model like faceens' own ensembles. Files of different
+architectures (``--from=r50.onnx,mbf.pth --arch=r50,mbf``) form one too (``combined.json``, one
+run per architecture under ``members/``).
 
 An ``.onnx`` file (InsightFace's model packs, or ``torch.onnx.export`` of an arcface_torch
 backbone) is mapped by the graph's structure, with BatchNorms folded into convolutions undone
@@ -200,18 +202,11 @@ def read_member(path: str, arch: str) -> tuple[dict, int, dict | None, int, str]
   return to_variables(state, template, path), nf, mbf, len(state), "pytorch state_dict"
 
 
-def import_members(paths: list[str], arch: str, workdir: str) -> dict:
-  """Writes a run directory for the models in ``paths`` (one per member: K published models of
-  the same architecture form one ensemble, E(x) = the mean of their normalised embeddings);
-  returns ``import.json``."""
+def _write_run(members: list, paths: list[str], arch: str, workdir: str) -> dict:
+  """One run directory of same-shaped members (``read_member`` results) stacked on K."""
   import jax
   import orbax.checkpoint as ocp
   from faceens import provenance
-  members = [read_member(p, arch) for p in paths]
-  if len({json.dumps([m[1], m[2]]) for m in members}) > 1:
-    raise ModelImportError("the members differ in shape: " + "; ".join(
-        f"{src}: d = {m[1]}, {m[2] or arch}" for m, src in zip(members, paths)) + " (an ensemble "
-        "needs one architecture and embedding size)")
   _, nf, mbf, _, _ = members[0]
   c = model_config(arch, nf, mbf, members=len(members))
   os.makedirs(workdir, exist_ok=True)
@@ -235,6 +230,45 @@ def import_members(paths: list[str], arch: str, workdir: str) -> dict:
   return doc
 
 
+def import_members(paths: list[str], archs: list[str], workdir: str) -> dict:
+  """Writes a run directory for the models in ``paths`` (``archs``: one architecture per file):
+  one ensemble, E(x) = the mean of all their normalised embeddings. Files of one architecture
+  and size are stacked into one run (K members, vmapped like a trained ensemble); files of
+  different architectures become one run each under ``workdir/members/`` and ``combined.json``
+  lists them (``faceens.api.CombinedModel``); members are numbered run by run
+  (``member_files`` in ``import.json``). Returns ``import.json``."""
+  from faceens import api
+  members = [read_member(p, a) for p, a in zip(paths, archs)]
+  groups: dict[str, list[int]] = {}
+  for i, (m, a) in enumerate(zip(members, archs)):
+    groups.setdefault(json.dumps([a, m[2]]), []).append(i)
+  dims = {m[1] for m in members}
+  if len(dims) > 1:
+    raise ModelImportError("the members differ in shape: " + "; ".join(
+        f"{src}: d = {m[1]}, {m[2] or a}" for m, src, a in zip(members, paths, archs)) +
+        " (an ensemble needs one embedding size)")
+  if len(groups) == 1:
+    return _write_run(members, paths, archs[0], workdir)
+  runs, docs = [], []
+  for g, idx in enumerate(groups.values()):
+    rel = os.path.join("members", f"{g}_{archs[idx[0]]}")
+    docs.append(_write_run([members[i] for i in idx], [paths[i] for i in idx], archs[idx[0]],
+                           os.path.join(workdir, rel)))
+    runs.append(rel)
+  with open(os.path.join(workdir, api.COMBINED), "w") as f:
+    json.dump({"runs": runs}, f, indent=2)
+  doc = {"from": [p for d in docs for p in d["from"]], "format": ", ".join(
+      sorted({f for d in docs for f in d["formats"]})), "arch": "+".join(d["arch"] for d in docs),
+         "members": len(members), "runs": runs,
+         # member k of the ensemble (``embed(..., member=k)``): runs in order, files in each
+         "member_files": [d2 for d in docs for d2 in d["from"]], "num_features": members[0][1],
+         "input": INPUT_CONVENTION, "tensors": sum(m[3] for m in members),
+         "imported_with": docs[0]["imported_with"]}
+  with open(os.path.join(workdir, "import.json"), "w") as f:
+    json.dump(doc, f, indent=2)
+  return doc
+
+
 def _sha256(path: str) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:
@@ -245,13 +279,20 @@ def _sha256(path: str) -> str:
 
 def run(source: str, arch: str, workdir: str) -> dict:
   """Imports ``source`` (a ``.pth`` / ``.onnx``, or several comma-separated: one ensemble) as
-  ``arch``."""
-  if os.path.exists(os.path.join(workdir, "checkpoints")):
-    raise ModelImportError(f"{workdir} already holds a run (checkpoints/); give a new --workdir")
+  ``arch`` (one name for every file, or one per file)."""
+  if os.path.exists(os.path.join(workdir, "checkpoints")) or os.path.exists(
+      os.path.join(workdir, "combined.json")):
+    raise ModelImportError(f"{workdir} already holds a run; give a new --workdir")
   sources = [p for p in source.split(",") if p]
+  archs = [a for a in arch.split(",") if a]
   if not sources:
     raise ModelImportError("--from is empty: give a .pth or .onnx file")
-  return import_members(sources, arch, workdir)
+  if len(archs) == 1:
+    archs = archs * len(sources)
+  if len(archs) != len(sources):
+    raise ModelImportError(f"--arch names {len(archs)} architectures for {len(sources)} files: "
+                           "give one for all files or one per file")
+  return import_members(sources, archs, workdir)
 
 
 def main(argv):
@@ -264,7 +305,8 @@ def main(argv):
     doc = run(FLAGS["from"].value, FLAGS.arch, FLAGS.workdir)
   except (ModelImportError, ValueError, FileNotFoundError) as e:
     raise SystemExit(f"error: {e}") from None
-  print(f"imported {doc['arch']} x{doc['members']} ({doc['tensors']} tensors each, d = "
+  each = "in all" if "runs" in doc else "each"
+  print(f"imported {doc['arch']} x{doc['members']} ({doc['tensors']} tensors {each}, d = "
         f"{doc['num_features']}) from {', '.join(doc['from'])} into {FLAGS.workdir}; input: "
         f"{doc['input']}")
   print(f"next: python -m faceens.evaluate --workdir={FLAGS.workdir} --lfw=DIR (or --bins=...)")
@@ -276,7 +318,9 @@ def _define_flags():
   flags.DEFINE_string("from", None, "the model: an arcface_torch backbone.pth or an ONNX file "
                       "(e.g. InsightFace's w600k_r50.onnx), or several comma-separated (same "
                       "--arch): one ensemble of them")
-  flags.DEFINE_enum("arch", None, list(arcface_torch.ARCHS), "arcface_torch's architecture name")
+  flags.DEFINE_string("arch", None, "arcface_torch's architecture name (" +
+                      ", ".join(arcface_torch.ARCHS) + "), one for all files or comma-separated "
+                      "one per file (an ensemble of different architectures)")
   flags.DEFINE_string("workdir", None, "the run directory to write")
   flags.mark_flags_as_required(["from", "arch", "workdir"])
 

@@ -94,7 +94,7 @@ def test_imported_embeddings_equal_pytorch(case, tmp_path):
   assert np.abs(other - ref).max() > 100 * _bound(depth, fan_in)
 
 
-@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("exporter", ["dynamo", pytest.param("torchscript", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("case", list(CASES))
 def test_imported_onnx_equals_pytorch_and_onnxruntime(case, exporter, tmp_path):
   onnx = pytest.importorskip("onnx")
@@ -258,3 +258,52 @@ def test_published_models_as_one_ensemble(tmp_path):
   torch.save(other.state_dict(), str(tmp_path / "d32.pth"))
   with pytest.raises(import_model.ModelImportError, match="the members differ in shape"):
     import_model.run(f"{paths[0]},{tmp_path / 'd32.pth'}", "mbf", str(tmp_path / "bad"))
+
+
+def test_ensemble_of_different_architectures_and_transfer_between_imports(tmp_path):
+  mbf = tb.randomize(tb.MobileFaceNet(64, (1, 1, 1, 1), scale=1), seed=5)
+  r18 = tb.randomize(tb.IResNet((2, 2, 2, 2), 64), seed=6)
+  mbf_path = str(tmp_path / "mbf.pth")
+  torch.save(mbf.state_dict(), mbf_path)
+  r18_path = _export_onnx(r18, str(tmp_path / "r18.onnx"), dynamo=True)
+  doc = import_model.run(f"{mbf_path},{r18_path},{mbf_path}", "mbf,r18,mbf", str(tmp_path / "mix"))
+  assert doc["members"] == 3 and doc["runs"] == ["members/0_mbf", "members/1_r18"]
+  model = faceens.load(str(tmp_path / "mix"))
+  assert model.num_members == 3 and "mbf x2, r18 x1" in repr(model)
+  x = np.random.default_rng(2).random((2, 112, 112, 3), dtype=np.float32)
+  ref_m, ref_r = _torch_embedding(mbf, x), _torch_embedding(r18, x)
+  bound = _bound(30, 64 * 49)
+  # E(x): the mean over all three members; they are numbered run by run (both mbf files first).
+  assert doc["member_files"] == [os.path.abspath(p) for p in (mbf_path, mbf_path, r18_path)]
+  assert np.abs(model.embed(x) - (2 * ref_m + ref_r) / 3).max() <= bound
+  assert np.abs(model.embed(x, member=2) - ref_r).max() <= bound
+  assert np.abs(model.embed(x, member=1) - ref_m).max() <= bound
+  # White-box: the attacks differentiate through every run of the combined model.
+  from faceens.attacks import lots
+  r = lots.attack(model.apply, model.variables, x[:1], model.embed(x[1:2]), 1e-3,
+                  lots.AttackConfig(method="ifgsm", max_iters=2))
+  assert r["iterations"][0] == 2 and r["distance"][0] < np.linalg.norm(
+      model.embed(x[:1]) - model.embed(x[1:2]))
+  with pytest.raises(import_model.ModelImportError, match="2 architectures for 3 files"):
+    import_model.run(f"{mbf_path},{r18_path},{mbf_path}", "mbf,r18", str(tmp_path / "bad"))
+  # Transfer from one imported model to another: the r18 alone (evaluated for its threshold) is
+  # the target of examples crafted on the mbf + r18 ensemble's source model, the mbf alone.
+  import_model.run(r18_path, "r18", str(tmp_path / "r18"))
+  import_model.run(mbf_path, "mbf", str(tmp_path / "mbf"))
+  env = subprocess_env(JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  cli = lambda *a: subprocess.run([sys.executable, "-m", *a], cwd=REPO, env=env,  # noqa: E731
+                                  capture_output=True, text=True, timeout=600)
+  rel = os.path.relpath(ORL, tmp_path)
+  pairs = tmp_path / "pairs.txt"
+  pairs.write_text("".join(f"{rel}/s3{i}/1.pgm {rel}/s3{i}/2.pgm 1\n{rel}/s3{i}/1.pgm "
+                           f"{rel}/s3{i + 1}/1.pgm 0\n" for i in range(1, 6)))
+  r = cli("faceens.evaluate", f"--workdir={tmp_path / 'r18'}", f"--pairs={pairs}")
+  assert r.returncode == 0, r.stderr[-2000:]
+  r = cli("faceens.attack", f"--workdir={tmp_path / 'r18'}", f"--source_workdir={tmp_path / 'mbf'}",
+          "--method=ifgsm", "--pairs=4", f"--images={ORL}", "--max_iters=3", "--distances=0.5",
+          f"--out={tmp_path / 'transfer'}")
+  assert r.returncode == 0, r.stderr[-2000:]
+  with open(tmp_path / "transfer" / "transfer_ifgsm.json") as f:
+    res = json.load(f)
+  assert res["source"].endswith("mbf") and res["target"].endswith("r18")
+  assert [p["distance"] for p in res["points"]] == [0.5]
