@@ -20,6 +20,9 @@ Stages (``--stages``, default all, in this order):
   * ``robustness``: suite v2's white-box attacks at the common operating points, the worst case
     over attacks per pair and fixed-budget robust accuracy (``faceens.reproduce_robustness``),
     into ``--out/per_run/<run>/robustness.*``.
+  * ``transfer``: suite v2's black-box transfer between the first seed's models on the pairs no
+    model accepts clean, at the common operating points, with paired intervals
+    (``faceens.reproduce_transfer``), into ``--out/transfer_v2.json``.
   * ``attack``: the first report's white-box LOTS attacks on every run over the same fixed different-person pairs of
     folds 6-10, black-box transfer from the single model, an adaptive attack on the ensembles
     (``faceens.reproduce_attacks``); per-run results in ``--runs/<run>/suite_attacks``.
@@ -47,10 +50,10 @@ import ml_collections
 import jax
 
 from faceens import (api, configs, logs, losses, provenance, reproduce_attacks, reproduce_report,
-                     reproduce_robustness, reproduce_summary, train)
+                     reproduce_robustness, reproduce_summary, reproduce_transfer, train)
 
 SUITES = ("lfw",)
-STAGES = ("train", "export", "robustness", "attack", "report")
+STAGES = ("train", "export", "robustness", "transfer", "attack", "report")
 ARCFACE_METHODS = ("single", "baseline", "adp", "fdp", "srv", "srv_adp", "srv_fdp", "advt")
 SMOKE_METHODS = ("single", "srv_fdp")
 DEFAULT_SEEDS = (0, 1, 2)
@@ -279,6 +282,24 @@ def robustness_stage(suite: Suite, progress: bool = True) -> list[str]:
                                              pairs_for, calibration_for, progress=progress)
 
 
+def transfer_stage(suite: Suite, progress: bool = True) -> dict | None:
+  """``reproduce_transfer.transfer_all`` over the first seed's finished runs (exported first);
+  None when fewer than two are finished."""
+  trained = [r for r in suite.runs() if is_trained(suite.workdir(r), run_config(suite, r))]
+  models = reproduce_transfer.load_models(suite, trained)
+  if len(models) < 2:
+    if progress:
+      print("transfer: fewer than two finished runs of the first seed; skipped", flush=True)
+    return None
+  calibration = {}
+  for m in models:
+    with open(os.path.join(export_run(suite, RunSpec(m, suite.seeds[0])), "run.json")) as f:
+      calibration[m] = json.load(f)["calibration"]
+  plan = reproduce_attacks.plan_for(suite)
+  pairs = reproduce_attacks.attack_pairs(run_config(suite, next(iter(models))), plan)
+  return reproduce_transfer.transfer_all(suite, models, pairs, calibration, progress=progress)
+
+
 def trained_configs(suite: Suite) -> dict:
   """``{method: config}`` of the suite's finished runs, in the suite's order."""
   out = {}
@@ -347,6 +368,8 @@ def main(argv):
       export_all(suite)
     if "robustness" in stages:
       robustness_stage(suite)
+    if "transfer" in stages:
+      transfer_stage(suite)
     if "attack" in stages:
       reproduce_attacks.attack_all(suite, lambda: trained_configs(suite))
     if "report" in stages:

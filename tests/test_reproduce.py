@@ -101,6 +101,17 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
   assert v2["accuracy_vs_single"]["srv_fdp"]["verdict"] in ("no loss", "loss", "cannot tell")
   assert "## Robustness at FAR 0.01" in (out / "REPORT_v2.md").read_text()
   assert res["transfer"] is not None and set(res["transfer"]["targets"]) == {"srv_fdp"}
+  # Suite v2's transfer: both directions on the pairs neither model accepts clean; each rate is
+  # recomputable from the stored per-pair verdicts.
+  tr = json.loads((out / "transfer_v2.json").read_text())
+  assert tr["methods"] == ["single", "srv_fdp"] and set(tr["operating_points"]) == {"0.1", "0.01"}
+  for far, point in tr["operating_points"].items():
+    common = np.array(point["per_pair"]["common"], bool)
+    assert point["common_pairs"] == common.sum() <= 4
+    for s, t in (("single", "srv_fdp"), ("srv_fdp", "single")):
+      fooled = np.array(point["per_pair"]["fooled"][s][t], bool)
+      want = fooled[common].mean() if common.any() else None
+      assert point["transfer_rate"][s][t] == want
   assert os.path.isfile(out / "tau_ifgsm.png") and os.path.isfile(out / "transfer.png")
 
   # faceens.attack on an LFW run draws its pairs from the official test folds' different people.

@@ -149,3 +149,22 @@ def test_attack_results_are_cached_resumed_and_reused(run_dir, tmp_path, monkeyp
   # Done with the same plan: nothing runs at all.
   calls.clear()
   assert rr.attack_run(model, pairs, cal, base, str(out), progress=False) == second and not calls
+
+
+def test_transfer_paired_difference_by_hand():
+  from faceens import reproduce_transfer as rt
+  # Two sources, four common pairs: A is fooled on 3 of 8 (source, pair) cases, B on 7 of 8.
+  # Per pair, the mean over sources of A - B: (0, -0.5, -1, -0.5); the difference -0.5.
+  a = np.array([[1, 0, 0, 0], [1, 1, 0, 0]], bool)
+  b = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], bool)
+  d = rt.paired_difference(a, b, n=500)
+  per_pair = np.array([0.0, -0.5, -1.0, -0.5])
+  assert np.isclose(d["difference"], per_pair.mean()) and (d["sources"], d["pairs"]) == (2, 4)
+  # Every resample's mean lies between the smallest and largest per-pair value.
+  assert -1.0 <= d["lo"] <= d["difference"] <= d["hi"] <= 0.0
+  assert rt.verdict({"difference": -0.5, "lo": -0.9, "hi": -0.1, "sources": 2, "pairs": 4}) == \
+      "resists transfer better"
+  assert rt.verdict({"difference": 0.0, "lo": -0.2, "hi": 0.2, "sources": 2, "pairs": 4}) == \
+      "cannot tell"
+  same = rt.paired_difference(a, a, n=100)
+  assert (same["difference"], same["lo"], same["hi"]) == (0.0, 0.0, 0.0)

@@ -1,0 +1,165 @@
+"""The transfer stage of ``faceens.reproduce`` (suite v2): black-box transfer between the suite's
+models on common pairs, at common operating points, with paired intervals.
+
+Sources and targets are the first training seed of every method (``Suite.seeds[0]``; AdvT's
+other margins are left out). At each operating point of the calibration (``FAR`` f: every model
+at the threshold that accepts f of random different-person pairs of the test people):
+
+  * each source's I-FGSM examples, crafted on the suite's attack pairs until the *source* accepts
+    them at its own FAR-f threshold (``RobustPlan``'s I-FGSM settings), kept in
+    ``<source workdir>/suite_transfer/<far>_ifgsm.npz``;
+  * the **common pairs**: attack pairs that no model of the set accepts before any perturbation
+    at f, so every (source, target) rate has the same denominator; a source's failure counts as
+    not transferred;
+  * per (source, target) the transfer rate: the share of common pairs whose source example the
+    target accepts at its own FAR-f threshold;
+  * per target, its mean rate over every other source, and, for the pairs of targets the
+    paper's claims compare, the difference of the two rates over the sources they share (neither
+    of them), with a 95% bootstrap interval over the common pairs (paired: the same resampled
+    pairs for both targets and every source).
+
+Results: ``<out>/transfer_v2.json`` (matrix, per-pair verdicts, comparisons) per operating point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from faceens import api, attack, provenance
+from faceens.models import ensemble
+from faceens.reproduce_robustness import RobustPlan, SMOKE_ROBUST_PLAN
+
+BOOTSTRAP = 2000
+# Target pairs the claims compare: (A, B) reads "A resists transfer better than B" if A's rate is
+# lower (the difference A - B below 0).
+COMPARISONS = (("baseline", "single"), ("srv", "baseline"), ("fdp", "baseline"),
+               ("adp", "baseline"), ("srv_fdp", "srv"), ("srv_fdp", "baseline"),
+               ("srv_adp", "srv"), ("advt", "baseline"))
+
+
+def craft(model, pairs: dict, goal: float, plan: RobustPlan, cache: str, progress: bool) -> dict:
+  """I-FGSM examples of ``model`` on ``pairs`` to ``goal``; cached in ``cache`` (an .npz) under
+  the settings, the checkpoint step, the pairs and the goal."""
+  cfg = plan.configs()["ifgsm"]
+  key = json.dumps({"config": str(cfg), "step": model.step, "pairs": pairs["names"],
+                    "goal": goal}, sort_keys=True)
+  if os.path.isfile(cache):
+    with np.load(cache) as z:
+      if str(z["key"]) == key:
+        return {k: z[k] for k in ("x_adv", "success")}
+  x_src, x_tgt = model.prepare(pairs["src"]), model.prepare(pairs["tgt"])
+  emb_t = ensemble.ensemble_embedding(model.member_features(x_tgt))
+  r = attack.run_compacted(model, x_src, emb_t, goal, cfg, chunk=plan.chunk,
+                           max_batch=plan.batch_size, progress=progress,
+                           desc=f"transfer source {model.config.method} d<{goal:.3f}")
+  out = {"x_adv": np.asarray(r["x_adv"], np.float32), "success": np.asarray(r["success"])}
+  os.makedirs(os.path.dirname(cache), exist_ok=True)
+  tmp = cache + ".tmp.npz"
+  np.savez(tmp, key=np.asarray(key), **out)
+  os.replace(tmp, cache)
+  return out
+
+
+def paired_difference(fooled_a: np.ndarray, fooled_b: np.ndarray, n: int = BOOTSTRAP,
+                      seed: int = 0) -> dict:
+  """``fooled_*``: ``[S, P]`` booleans (sources x common pairs) of two targets. The mean over
+  sources of A's rate minus B's, with a 95% bootstrap interval resampling the pairs (the same
+  pairs for both targets and all sources)."""
+  a, b = np.asarray(fooled_a, float), np.asarray(fooled_b, float)
+  p = a.shape[1]
+  diff = float(a.mean() - b.mean())
+  rng = np.random.default_rng(seed)
+  stats = np.empty(n)
+  per_pair = (a - b).mean(axis=0)          # the mean over sources, per pair
+  for i in range(n):
+    stats[i] = per_pair[rng.integers(0, p, p)].mean()
+  s = np.sort(stats)
+  return {"difference": diff, "lo": float(s[int(0.025 * n)]),
+          "hi": float(s[int(np.ceil(0.975 * n)) - 1]), "sources": int(a.shape[0]), "pairs": int(p)}
+
+
+def verdict(d: dict) -> str:
+  if d["pairs"] == 0 or d["sources"] == 0:
+    return "not run"
+  if d["hi"] < 0:
+    return "resists transfer better"
+  if d["lo"] > 0:
+    return "resists transfer worse"
+  return "cannot tell"
+
+
+def transfer_all(suite, models: dict, pairs: dict, calibration: dict, progress: bool = True) -> dict:
+  """The stage (see the module docstring) on ``models`` (``{method: FaceModel}``, first seed),
+  with ``calibration[method]`` each model's ``run.json`` calibration; writes and returns
+  ``<suite.out>/transfer_v2.json``."""
+  plan = SMOKE_ROBUST_PLAN if suite.smoke else RobustPlan()
+  methods = list(models)
+  x_src = {m: models[m].prepare(pairs["src"]) for m in methods}
+  x_tgt = {m: models[m].prepare(pairs["tgt"]) for m in methods}
+  emb_t = {m: models[m].embed(x_tgt[m]) for m in methods}
+  clean = {m: np.linalg.norm(models[m].embed(x_src[m]) - emb_t[m], axis=1) for m in methods}
+  fars = sorted(set.intersection(*[set(calibration[m]["operating_points"]) for m in methods]),
+                key=float, reverse=True)
+  doc = {"methods": methods, "runs": {m: models[m].workdir for m in methods},
+         "attack": "ifgsm", "plan": plan.as_dict(), "pairs": pairs["names"],
+         "operating_points": {}, "provenance": provenance.record()}
+  for far in fars:
+    thr = {m: float(calibration[m]["operating_points"][far]["threshold"]) for m in methods}
+    pre = {m: clean[m] < thr[m] for m in methods}
+    common = ~np.any([pre[m] for m in methods], axis=0)
+    fooled: dict[str, dict[str, np.ndarray]] = {}
+    source_success = {}
+    for s in methods:
+      ex = craft(models[s], pairs, thr[s], plan,
+                 os.path.join(models[s].workdir, "suite_transfer", f"{far}_ifgsm.npz"), progress)
+      source_success[s] = ex["success"]
+      fooled[s] = {}
+      for t in methods:
+        if t == s:
+          continue
+        d = np.linalg.norm(models[t].embed(ex["x_adv"]) - emb_t[t], axis=1)
+        fooled[s][t] = ex["success"] & (d < thr[t])
+    idx = np.flatnonzero(common)
+    matrix = {s: {t: float(v[idx].mean()) if len(idx) else None for t, v in row.items()}
+              for s, row in fooled.items()}
+    mean_rate = {t: float(np.mean([fooled[s][t][idx].mean() for s in methods if s != t]))
+                 if len(idx) and len(methods) > 1 else None for t in methods}
+    comps = []
+    for a, b in COMPARISONS:
+      if a not in methods or b not in methods:
+        continue
+      shared = [s for s in methods if s not in (a, b)]
+      d = paired_difference(np.array([fooled[s][a][idx] for s in shared]).reshape(len(shared), -1),
+                            np.array([fooled[s][b][idx] for s in shared]).reshape(len(shared), -1))
+      comps.append({"a": a, "b": b, **d, "verdict": verdict(d)})
+    doc["operating_points"][far] = {
+        "thresholds": thr, "common_pairs": int(len(idx)),
+        "pre_accepted": {m: int(pre[m].sum()) for m in methods},
+        "source_success_rate": {s: float(v[idx].mean()) if len(idx) else None
+                                for s, v in source_success.items()},
+        "transfer_rate": matrix, "mean_rate_from_other_sources": mean_rate,
+        "comparisons": comps,
+        "per_pair": {"common": common.astype(int).tolist(),
+                     "fooled": {s: {t: v.astype(int).tolist() for t, v in row.items()}
+                                for s, row in fooled.items()}}}
+    if progress:
+      print(f"transfer at FAR {far}: {len(idx)} common pairs; mean rate per target: " +
+            ", ".join(f"{t} {r:.3f}" for t, r in mean_rate.items() if r is not None), flush=True)
+  path = os.path.join(suite.out, "transfer_v2.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(doc, f)
+  os.replace(path + ".tmp", path)
+  return doc
+
+
+def load_models(suite, trained: list, progress: bool = True) -> dict:
+  """``{method: FaceModel}`` of the first seed's finished runs (AdvT's own margin only)."""
+  first = suite.seeds[0]
+  out = {}
+  for run in trained:
+    if run.seed == first and run.advt_margin is None:
+      out[run.method] = api.load(suite.workdir(run))
+  return out
