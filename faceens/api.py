@@ -290,9 +290,18 @@ def load(workdir: str, step: int | None = None, threshold_from: str | None = Non
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"run directory {workdir!r} does not exist")
   if os.path.isfile(os.path.join(workdir, COMBINED)):
-    with open(os.path.join(workdir, COMBINED)) as f:
-      doc = json.load(f)
-    runs = [load(os.path.join(workdir, r), step=None) for r in doc["runs"]]
+    path = os.path.join(workdir, COMBINED)
+    if step is not None:
+      raise ValueError(f"{workdir} is a combined model (one checkpoint per run): step is not "
+                       "supported")
+    try:
+      with open(path) as f:
+        names = json.load(f)["runs"]
+      if not isinstance(names, list) or not all(isinstance(r, str) for r in names):
+        raise TypeError
+    except (ValueError, KeyError, TypeError):
+      raise ValueError(f"{path} must be JSON {{\"runs\": [run folders relative to it]}}") from None
+    runs = [load(os.path.join(workdir, r)) for r in names]
     return CombinedModel(runs, workdir=workdir, threshold_from=threshold_from)
   c = configs.load_run_config(workdir)
   ckpt = os.path.abspath(os.path.join(workdir, "checkpoints"))

@@ -261,7 +261,8 @@ def import_members(paths: list[str], archs: list[str], workdir: str) -> dict:
       sorted({f for d in docs for f in d["formats"]})), "arch": "+".join(d["arch"] for d in docs),
          "members": len(members), "runs": runs,
          # member k of the ensemble (``embed(..., member=k)``): runs in order, files in each
-         "member_files": [d2 for d in docs for d2 in d["from"]], "num_features": members[0][1],
+         "member_files": [d2 for d in docs for d2 in d["from"]],
+         "sha256": [h for d in docs for h in d["sha256"]], "num_features": members[0][1],
          "input": INPUT_CONVENTION, "tensors": sum(m[3] for m in members),
          "imported_with": docs[0]["imported_with"]}
   with open(os.path.join(workdir, "import.json"), "w") as f:

@@ -108,14 +108,19 @@ class Graph:
     if not len(g.node):
       raise OnnxImportError(f"{path}: the ONNX graph has no nodes")
     self.nodes = list(g.node)
-    self.const: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-    for n in self.nodes:
-      if n.op_type == "Constant":
-        for a in n.attribute:
-          if a.name == "value":
-            self.const[n.output[0]] = numpy_helper.to_array(a.t)
-      elif n.op_type == "Identity" and n.input[0] in self.const:
-        self.const[n.output[0]] = self.const[n.input[0]]
+    try:
+      self.const: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t)
+                                           for t in g.initializer}
+      for n in self.nodes:
+        if n.op_type == "Constant":
+          for a in n.attribute:
+            if a.name == "value":
+              self.const[n.output[0]] = numpy_helper.to_array(a.t)
+        elif n.op_type == "Identity" and n.input[0] in self.const:
+          self.const[n.output[0]] = self.const[n.input[0]]
+    except Exception as e:  # noqa: BLE001  (missing external data, unsupported dtypes, ...)
+      raise OnnxImportError(f"{path}: a weight tensor cannot be read ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
     self.consumers: dict[str, list] = {}
     for n in self.nodes:
       for i in n.input:
@@ -172,33 +177,51 @@ def _conv_matches(graph: Graph, node, layer: Layer) -> bool:
   kh, kw, cin, cout = layer.shape
   pads = list(graph.attr(node, "pads", [0, 0, 0, 0]))
   strides = list(graph.attr(node, "strides", [1, 1]))
+  auto_pad = graph.attr(node, "auto_pad", b"NOTSET")
+  if auto_pad not in (b"NOTSET", "NOTSET"):
+    return False
   return (tuple(w.shape) == (cout, cin, kh, kw) and int(graph.attr(node, "group", 1)) == layer.groups
           and pads == [layer.padding] * 4 and strides == [layer.stride] * 2
           and list(graph.attr(node, "dilations", [1, 1])) == [1, 1])
 
 
 def _dense_weight(graph: Graph, node) -> np.ndarray | None:
-  """A Gemm / MatMul's weight as ``[in, out]`` (None if it is not a plain y = x W^T + b)."""
+  """A Gemm / MatMul's weight as ``[in, out]``, Gemm's ``alpha`` folded in (None if it is not
+  ``y = alpha x W(^T) + beta b``)."""
   w = graph.const.get(node.input[1])
   if w is None or w.ndim != 2:
     return None
+  w = np.asarray(w, np.float32)
   if node.op_type == "Gemm":
-    if graph.attr(node, "transA", 0) or graph.attr(node, "alpha", 1.0) != 1.0 \
-        or graph.attr(node, "beta", 1.0) != 1.0:
+    if graph.attr(node, "transA", 0):
       return None
-    return w.T if graph.attr(node, "transB", 0) else w
+    w = w.T if graph.attr(node, "transB", 0) else w
+    return w * np.float32(graph.attr(node, "alpha", 1.0))
   return w
 
 
-def _dense_bias(graph: Graph, node):
-  """``(bias or None, output value)`` of a Gemm, or of a MatMul with an Add of a constant."""
+def _flat_bias(b, n: int, graph: Graph, node):
+  """A bias of ``n`` values, also when stored as ``[1, n]`` (None stays None)."""
+  if b is None:
+    return None
+  b = np.asarray(b, np.float32)
+  if b.size != n:
+    raise OnnxImportError(f"{graph.path}: the bias of {describe(node)} has shape {b.shape}, "
+                          f"{n} values expected")
+  return b.reshape(n)
+
+
+def _dense_bias(graph: Graph, node, n: int):
+  """``(bias or None, output value)`` of a Gemm (``beta`` folded in), or of a MatMul with an
+  Add of a constant."""
   if node.op_type == "Gemm":
-    return graph.tensor(node, 2), node.output[0]
+    b = _flat_bias(graph.tensor(node, 2), n, graph, node)
+    return (None if b is None else b * np.float32(graph.attr(node, "beta", 1.0))), node.output[0]
   add = graph.only_consumer(node.output[0], "Add")
   if add is not None:
     other = [i for i in add.input if i != node.output[0]]
     if other and other[0] in graph.const:
-      return np.asarray(graph.const[other[0]], np.float32), add.output[0]
+      return _flat_bias(graph.const[other[0]], n, graph, add), add.output[0]
   return None, node.output[0]
 
 
@@ -252,15 +275,15 @@ def map_graph(graph: Graph, layers: list[Layer], arch: str) -> dict[tuple, dict]
                     f"{name} (conv {layer.shape[0]}x{layer.shape[1]}, {layer.shape[2] * layer.groups}"
                     f" -> {layer.shape[3]} channels, stride {layer.stride}, {layer.groups} groups)")
         kernel = np.transpose(graph.tensor(node, 1), (2, 3, 1, 0))       # OIHW -> HWIO
-        bias, value = graph.tensor(node, 2), node.output[0]
         channels = layer.shape[3]
+        bias, value = _flat_bias(graph.tensor(node, 2), channels, graph, node), node.output[0]
         entry = {"kernel": kernel}
       else:
         node = take(lambda n: n.op_type in ("Gemm", "MatMul")
                     and (w := _dense_weight(graph, n)) is not None and w.shape == layer.shape,
                     f"{name} (fully connected {layer.shape[0]} -> {layer.shape[1]})")
-        bias, value = _dense_bias(graph, node)
         channels = layer.shape[1]
+        bias, value = _dense_bias(graph, node, channels)
         entry = {"kernel": _dense_weight(graph, node)}
       followed_by_bn = nxt is not None and nxt.kind == "bn" and nxt.shape == (channels,)
       bn_node = graph.only_consumer(value, "BatchNormalization") if followed_by_bn else None

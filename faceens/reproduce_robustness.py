@@ -95,6 +95,10 @@ SMOKE_ROBUST_PLAN = RobustPlan(step_size=2.0 / 255, max_iters=12, cw_max_iters=1
                                pgd_steps=4, pgd_l2_budgets=(1.0,), chunk=4, batch_size=16)
 
 FIELDS = ("l2", "linf", "success", "iterations", "distance")
+# Relative slack on L2 budgets: an example projected onto the ball of radius b measures b up to
+# float32 rounding of its norm (summation over the pixels, the projection's scale, the re-measured
+# norm: a few 1e-7 relative), so "within b" means L2 <= b (1 + L2_RTOL).
+L2_RTOL = 1e-5
 
 
 def _one_attack(model, x_src, emb_t, goal, cfg, plan: RobustPlan, seed: int, progress, desc):
@@ -135,8 +139,8 @@ def worst_case_l2(per_attack: dict, pre_accepted) -> np.ndarray:
 
 def robust_accuracy_l2(worst: np.ndarray, budgets) -> list[float]:
   """Share of the pairs still rejected under each L2 budget: worst-case L2 above the budget
-  (an example of exactly the budget's size breaks the pair)."""
-  return [float(np.mean(worst > b)) for b in budgets]
+  (an example of the budget's size, up to ``L2_RTOL``, breaks the pair)."""
+  return [float(np.mean(worst > b * (1 + L2_RTOL))) for b in budgets]
 
 
 def robust_accuracy_linf(per_attack: dict, pre_accepted, budgets) -> list[float]:
@@ -214,8 +218,9 @@ def _missed(per_attack: dict, pre, budgets, pgd_name, norm: str) -> dict:
   for b, label in budgets:
     by_pgd = per_attack[pgd_name(b)]["success"]
     by_minimal = np.zeros(len(pre), bool)
+    slack = b * L2_RTOL if norm == "l2" else 1e-7
     for r in minimal.values():
-      by_minimal |= r["success"] & (r[norm] <= b + 1e-7)
+      by_minimal |= r["success"] & (r[norm] <= b + slack)
     out[label] = int(np.sum(by_pgd & ~by_minimal & ~pre))
   return out
 

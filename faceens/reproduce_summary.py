@@ -25,6 +25,7 @@ import os
 import numpy as np
 
 from faceens import provenance, verification
+from faceens.reproduce_robustness import L2_RTOL
 
 L2_MARGIN = 0.02          # L2 in [0, 1] pixels at 64x64x3 (one sign step of 1/255 moves 0.43)
 ACCURACY_MARGIN = 0.01    # one percentage point
@@ -300,8 +301,9 @@ def _transfer_markdown(transfer: dict) -> list[str]:
       L += ["", "Target A minus target B, mean over the sources that are neither (95% bootstrap "
             "over the common pairs, paired):", ""]
       for c in p["comparisons"]:
-        L.append(f"- {label(c['a'])} - {label(c['b'])}: {_fmt(c)} over {c['sources']} sources: "
-                 f"**{c['verdict']}**")
+        L.append(f"- {label(c['a'])} - {label(c['b'])}: " + (
+            "not run (no source besides the two, or no common pair)" if c["difference"] is None
+            else f"{_fmt(c)} over {c['sources']} sources: **{c['verdict']}**"))
   return L
 
 
@@ -352,8 +354,8 @@ def _markdown(groups: dict, fars: list, results: dict, transfer: dict | None = N
       pts = [r["robustness"]["operating_points"][far] for r in rs]
 
       def l2_at(b, rs=rs):
-        return ", ".join("%.2f" % np.mean(r["robustness_arrays"][f"{far}/worst_case_l2"] > b)
-                         for r in rs)
+        return ", ".join("%.2f" % np.mean(r["robustness_arrays"][f"{far}/worst_case_l2"] >
+                                          b * (1 + L2_RTOL)) for r in rs)
 
       def col(get, fmt, pts=pts):
         return ", ".join(fmt % get(p) for p in pts)

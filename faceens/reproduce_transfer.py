@@ -69,7 +69,10 @@ def paired_difference(fooled_a: np.ndarray, fooled_b: np.ndarray, n: int = BOOTS
   sources of A's rate minus B's, with a 95% bootstrap interval resampling the pairs (the same
   pairs for both targets and all sources)."""
   a, b = np.asarray(fooled_a, float), np.asarray(fooled_b, float)
-  p = a.shape[1]
+  p = a.shape[1] if a.ndim == 2 else 0
+  if a.size == 0:   # no source shared by both targets, or no common pair
+    return {"difference": None, "lo": None, "hi": None, "sources": int(a.shape[0]),
+            "pairs": int(p)}
   diff = float(a.mean() - b.mean())
   rng = np.random.default_rng(seed)
   stats = np.empty(n)
@@ -132,8 +135,9 @@ def transfer_all(suite, models: dict, pairs: dict, calibration: dict, progress: 
       if a not in methods or b not in methods:
         continue
       shared = [s for s in methods if s not in (a, b)]
-      d = paired_difference(np.array([fooled[s][a][idx] for s in shared]).reshape(len(shared), -1),
-                            np.array([fooled[s][b][idx] for s in shared]).reshape(len(shared), -1))
+      d = paired_difference(np.array([fooled[s][a][idx] for s in shared], bool).reshape(
+          len(shared), len(idx)), np.array([fooled[s][b][idx] for s in shared], bool).reshape(
+          len(shared), len(idx)))
       comps.append({"a": a, "b": b, **d, "verdict": verdict(d)})
     doc["operating_points"][far] = {
         "thresholds": thr, "common_pairs": int(len(idx)),

@@ -173,6 +173,20 @@ def test_bad_onnx_files_are_one_line_errors(tmp_path):
                 "extra_prelu (PRelu))"))
   cases.append((good, "r34", "no node left for layer1_2/"))  # r34 has a 3rd block in stage 1
   cases.append((good, "mbf", "not an arcface_torch MobileFaceNet"))
+  # Gemm's alpha and beta are folded into the weight and bias: x (W / 2)^T * 2 + (2 b) * 0.5.
+  def scaled_gemm(g):
+    gemm = next(n for n in g.node if n.op_type == "Gemm")
+    for idx, factor in ((1, 0.5), (2, 2.0)):
+      t = next(t for t in g.initializer if t.name == gemm.input[idx])
+      t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(factor), t.name))
+    kept = [a for a in gemm.attribute if a.name not in ("alpha", "beta")]
+    del gemm.attribute[:]
+    gemm.attribute.extend(kept + [helper.make_attribute("alpha", 2.0),
+                                  helper.make_attribute("beta", 0.5)])
+  import_model.run(variant("gemm", scaled_gemm), "r18", str(tmp_path / "gemm"))
+  x = np.random.default_rng(3).random((2, 112, 112, 3), dtype=np.float32)
+  err = np.abs(faceens.load(str(tmp_path / "gemm")).embed(x) - _torch_embedding(net, x)).max()
+  assert err <= _bound(20, 512 * 49), err
   garbage = tmp_path / "garbage.onnx"
   garbage.write_bytes(b"\x08\x07not a protobuf at all" * 10)
   cases.append((str(garbage), "r18", "cannot be read as an ONNX model"))

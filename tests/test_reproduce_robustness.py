@@ -166,5 +166,7 @@ def test_transfer_paired_difference_by_hand():
       "resists transfer better"
   assert rt.verdict({"difference": 0.0, "lo": -0.2, "hi": 0.2, "sources": 2, "pairs": 4}) == \
       "cannot tell"
+  none = rt.paired_difference(np.zeros((0, 4), bool), np.zeros((0, 4), bool))
+  assert none["difference"] is None and rt.verdict(none) == "not run"
   same = rt.paired_difference(a, a, n=100)
   assert (same["difference"], same["lo"], same["hi"]) == (0.0, 0.0, 0.0)
