@@ -257,7 +257,7 @@ def import_members(paths: list[str], archs: list[str], workdir: str) -> dict:
     runs.append(rel)
   with open(os.path.join(workdir, api.COMBINED), "w") as f:
     json.dump({"runs": runs}, f, indent=2)
-  doc = {"from": [p for d in docs for p in d["from"]], "format": ", ".join(
+  doc = {"from": [os.path.abspath(p) for p in paths], "format": ", ".join(
       sorted({f for d in docs for f in d["formats"]})), "arch": "+".join(d["arch"] for d in docs),
          "members": len(members), "runs": runs,
          # member k of the ensemble (``embed(..., member=k)``): runs in order, files in each

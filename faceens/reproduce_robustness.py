@@ -195,17 +195,17 @@ def _previous_results(out_dir: str, n: int):
 
 
 def _cached(cache_dir: str, tag: str, key: str, compute) -> dict:
-  """``compute()`` (a full per-pair result), kept in ``cache_dir/tag.npz`` under ``key``."""
+  """``compute()`` (a dict of arrays and numbers), kept in ``cache_dir/tag.npz`` under ``key``;
+  numbers come back as Python scalars."""
   path = os.path.join(cache_dir, tag + ".npz")
   if os.path.isfile(path):
     with np.load(path) as z:
       if str(z["key"]) == key:
-        return {k: z[k] for k in FIELDS} | {"seconds": float(z["seconds"])}
+        return {k: z[k].item() if z[k].ndim == 0 else z[k] for k in z.files if k != "key"}
   r = compute()
   os.makedirs(cache_dir, exist_ok=True)
   tmp = path + ".tmp.npz"
-  np.savez(tmp, key=np.asarray(key), seconds=np.asarray(r["seconds"]),
-           **{k: r[k] for k in FIELDS})
+  np.savez(tmp, key=np.asarray(key), **{k: np.asarray(v) for k, v in r.items()})
   os.replace(tmp, path)
   return r
 

@@ -25,7 +25,7 @@ import os
 import numpy as np
 
 from faceens import provenance, verification
-from faceens.reproduce_robustness import L2_RTOL
+from faceens.reproduce_robustness import L2_RTOL, worst_case_l2
 
 L2_MARGIN = 0.02          # L2 in [0, 1] pixels at 64x64x3 (one sign step of 1/255 moves 0.43)
 ACCURACY_MARGIN = 0.01    # one percentage point
@@ -148,12 +148,10 @@ def _worst(runs: list[dict], far: str, attack: str = "worst_case") -> np.ndarray
   (inf where it failed, 0 where the pair was accepted clean, as in the worst case)."""
   if attack == "worst_case":
     return np.stack([r["robustness_arrays"][f"{far}/worst_case_l2"] for r in runs])
-  out = []
-  for r in runs:
-    a = r["robustness_arrays"]
-    l2 = np.where(a[f"{far}/{attack}/success"], a[f"{far}/{attack}/l2"], np.inf)
-    out.append(np.where(a[f"{far}/pre_accepted"], 0.0, l2))
-  return np.stack(out)
+  arrays = [r["robustness_arrays"] for r in runs]
+  return np.stack([worst_case_l2({attack: {"l2": a[f"{far}/{attack}/l2"],
+                                           "success": a[f"{far}/{attack}/success"]}},
+                                 a[f"{far}/pre_accepted"]) for a in arrays])
 
 
 def claims(groups: dict, far: str, attack: str = "worst_case") -> list[dict]:

@@ -30,7 +30,7 @@ import numpy as np
 
 from faceens import api, attack, provenance
 from faceens.models import ensemble
-from faceens.reproduce_robustness import RobustPlan, SMOKE_ROBUST_PLAN
+from faceens.reproduce_robustness import SMOKE_ROBUST_PLAN, RobustPlan, _cached
 
 BOOTSTRAP = 2000
 # Target pairs the claims compare: (A, B) reads "A resists transfer better than B" if A's rate is
@@ -46,21 +46,16 @@ def craft(model, pairs: dict, goal: float, plan: RobustPlan, cache: str, progres
   cfg = plan.configs()["ifgsm"]
   key = json.dumps({"config": str(cfg), "step": model.step, "pairs": pairs["names"],
                     "goal": goal}, sort_keys=True)
-  if os.path.isfile(cache):
-    with np.load(cache) as z:
-      if str(z["key"]) == key:
-        return {k: z[k] for k in ("x_adv", "success")}
-  x_src, x_tgt = model.prepare(pairs["src"]), model.prepare(pairs["tgt"])
-  emb_t = ensemble.ensemble_embedding(model.member_features(x_tgt))
-  r = attack.run_compacted(model, x_src, emb_t, goal, cfg, chunk=plan.chunk,
-                           max_batch=plan.batch_size, progress=progress,
-                           desc=f"transfer source {model.config.method} d<{goal:.3f}")
-  out = {"x_adv": np.asarray(r["x_adv"], np.float32), "success": np.asarray(r["success"])}
-  os.makedirs(os.path.dirname(cache), exist_ok=True)
-  tmp = cache + ".tmp.npz"
-  np.savez(tmp, key=np.asarray(key), **out)
-  os.replace(tmp, cache)
-  return out
+
+  def compute():
+    x_src, x_tgt = model.prepare(pairs["src"]), model.prepare(pairs["tgt"])
+    emb_t = ensemble.ensemble_embedding(model.member_features(x_tgt))
+    r = attack.run_compacted(model, x_src, emb_t, goal, cfg, chunk=plan.chunk,
+                             max_batch=plan.batch_size, progress=progress,
+                             desc=f"transfer source {model.config.method} d<{goal:.3f}")
+    return {"x_adv": np.asarray(r["x_adv"], np.float32), "success": np.asarray(r["success"])}
+  return _cached(os.path.dirname(cache), os.path.splitext(os.path.basename(cache))[0], key,
+                 compute)
 
 
 def paired_difference(fooled_a: np.ndarray, fooled_b: np.ndarray, n: int = BOOTSTRAP,
