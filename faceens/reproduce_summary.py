@@ -276,25 +276,21 @@ def _fmt(d: dict) -> str:
   return f"{f(d['difference'])} [{f(d['lo'])}, {f(d['hi'])}]"
 
 
-def _transfer_markdown(transfer: dict) -> list[str]:
-  methods = transfer["methods"]
-  L = ["", "## Black-box transfer (first seed of each method)", "",
-       "I-FGSM examples crafted on each source until the source accepts them at its own "
-       "threshold of the operating point; the rate is the share of the **common pairs** (the "
-       "attack pairs no model accepts before any perturbation at that point) whose source example "
-       "the target accepts at its own threshold of the same point; a source's failure counts as "
-       "not transferred (`faceens/reproduce_transfer.py`, `transfer_v2.json`)."]
-  for far, p in transfer["operating_points"].items():
-    L += ["", f"### FAR {far}: {p['common_pairs']} common pairs", "",
-          "| source \\ target | " + " | ".join(label(m) for m in methods) + " |",
-          "| --- |" + " --- |" * len(methods)]
+def _transfer_tables(methods: list, points: dict, heading: str) -> list[str]:
+  L = []
+  for far, p in points.items():
+    L += ["", f"{heading} at FAR {far}: {p['common_pairs']} common pairs", "",
+          "| source \\ target | " + " | ".join(label(m) for m in methods) + " | source itself |",
+          "| --- |" + " --- |" * (len(methods) + 1)]
     for s in methods:
       row = [("-" if t == s else "%.2f" % p["transfer_rate"][s][t]
               if p["transfer_rate"][s][t] is not None else "n/a") for t in methods]
+      own = p.get("source_success_rate", {}).get(s)
+      row.append("n/a" if own is None else "%.2f" % own)
       L.append(f"| {label(s)} | " + " | ".join(row) + " |")
     mean = p["mean_rate_from_other_sources"]
     L.append("| mean from the other sources | " + " | ".join(
-        "n/a" if mean[t] is None else "%.3f" % mean[t] for t in methods) + " |")
+        "n/a" if mean[t] is None else "%.3f" % mean[t] for t in methods) + " | |")
     if p["comparisons"]:
       L += ["", "Target A minus target B, mean over the sources that are neither (95% bootstrap "
             "over the common pairs, paired):", ""]
@@ -302,6 +298,29 @@ def _transfer_markdown(transfer: dict) -> list[str]:
         L.append(f"- {label(c['a'])} - {label(c['b'])}: " + (
             "not run (no source besides the two, or no common pair)" if c["difference"] is None
             else f"{_fmt(c)} over {c['sources']} sources: **{c['verdict']}**"))
+  return L
+
+
+def _transfer_markdown(transfer: dict) -> list[str]:
+  methods = transfer["methods"]
+  L = ["", "## Black-box transfer (first seed of each method)", "",
+       "The rate is the share of the **common pairs** (the attack pairs no model accepts before "
+       "any perturbation at that operating point) whose source example the target accepts at "
+       "its own threshold of the same point (`faceens/reproduce_transfer.py`, "
+       "`transfer_v2.json`); the last column is the source's own (white-box) rate.", "",
+       "**Minimal examples**: I-FGSM on each source until the source accepts them at its own "
+       "threshold of the operating point; a source's failure counts as not transferred."]
+  L += _transfer_tables(methods, transfer["operating_points"], "### Minimal examples")
+  fixed = transfer.get("fixed_budget", {}).get("attacks", {})
+  if fixed:
+    L += ["", "**Fixed-budget examples**: L_inf PGD on each source from a random start, "
+          "every step taken (no early stop: as deep as the budget allows), the same examples at "
+          "every operating point; the target's acceptance counts whether or not the source "
+          "accepts."]
+    for name, e in fixed.items():
+      L += _transfer_tables(methods, e["operating_points"],
+                            f"### L_inf {e['epsilon'] * 255:g}/255 ({e['steps']} steps of "
+                            f"{e['step_size'] * 255:g}/255)")
   return L
 
 

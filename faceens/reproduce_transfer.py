@@ -18,17 +18,27 @@ at the threshold that accepts f of random different-person pairs of the test peo
     of them), with a 95% bootstrap interval over the common pairs (paired: the same resampled
     pairs for both targets and every source).
 
-Results: ``<out>/transfer_v2.json`` (matrix, per-pair verdicts, comparisons) per operating point.
+Minimal examples sit just past their source's threshold, so they say little about deeper
+attacks (the paper: "very well forged AXs often ... can again deceive"). So each source also
+crafts **fixed-budget** examples (``TransferPlan``: L_inf PGD at 4/255 and 8/255, 20 steps of a
+quarter of the budget from a random start, no early stop), the same at every operating point;
+there the rate is the share of common pairs whose example the target accepts, whether or not the
+source does (the source's own rate is recorded beside it), with the same comparisons.
+
+Results: ``<out>/transfer_v2.json`` (matrix, per-pair verdicts, comparisons) per operating point,
+the fixed-budget ones under ``fixed_budget``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import numpy as np
 
 from faceens import api, attack, provenance
+from faceens.attacks import lots
 from faceens.models import ensemble
 from faceens.reproduce_robustness import SMOKE_ROBUST_PLAN, RobustPlan, _cached
 
@@ -89,11 +99,77 @@ def verdict(d: dict) -> str:
   return "cannot tell"
 
 
+def craft_budget(model, pairs: dict, cfg: lots.AttackConfig, plan: RobustPlan, cache: str,
+                 progress: bool) -> dict:
+  """Fixed-budget examples of ``model`` on ``pairs``: ``cfg`` (PGD) for all its steps (goal 0:
+  no early stop; its last iterate); independent of any threshold, so one set serves every operating point. Cached like ``craft``."""
+  key = json.dumps({"config": dataclasses.asdict(cfg), "step": model.step,
+                    "pairs": pairs["names"], "goal": 0.0}, sort_keys=True)
+
+  def compute():
+    x_src, x_tgt = model.prepare(pairs["src"]), model.prepare(pairs["tgt"])
+    emb_t = ensemble.ensemble_embedding(model.member_features(x_tgt))
+    r = attack.run_compacted(model, x_src, emb_t, 0.0, cfg, chunk=plan.chunk,
+                             max_batch=plan.batch_size, progress=progress,
+                             desc=f"transfer source {model.config.method} "
+                                  f"L_inf {cfg.epsilon * 255:g}/255")
+    return {"x_adv": np.asarray(r["x_adv"], np.float32),
+            "linf": np.asarray(r["linf"], np.float32)}
+  return _cached(os.path.dirname(cache), os.path.splitext(os.path.basename(cache))[0], key,
+                 compute)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferPlan:
+  """The fixed-budget transfer attack: L_inf PGD from a random start, ``steps`` steps of
+  ``budget / 4``, no early stop, at each budget."""
+  budgets: tuple[float, ...] = (4.0 / 255, 8.0 / 255)
+  steps: int = 20
+
+  def configs(self) -> dict[str, lots.AttackConfig]:
+    return {f"pgd_{b * 255:g}": lots.AttackConfig(method="pgd", epsilon=b, step_size=b / 4,
+                                                  max_iters=self.steps).validate()
+            for b in self.budgets}
+
+
+SMOKE_TRANSFER_PLAN = TransferPlan(budgets=(8.0 / 255,), steps=3)
+
+
+def _point(methods: list, fooled: dict, source_success: dict, common: np.ndarray) -> dict:
+  """One operating point's rates from ``fooled[s][t]`` and ``source_success[s]`` (per-pair
+  booleans over all attack pairs), on the ``common`` pairs."""
+  idx = np.flatnonzero(common)
+  matrix = {s: {t: float(v[idx].mean()) if len(idx) else None for t, v in row.items()}
+            for s, row in fooled.items()}
+  mean_rate = {t: float(np.mean([fooled[s][t][idx].mean() for s in methods if s != t]))
+               if len(idx) and len(methods) > 1 else None for t in methods}
+  comps = []
+  for a, b in COMPARISONS:
+    if a not in methods or b not in methods:
+      continue
+    shared = [s for s in methods if s not in (a, b)]
+    d = paired_difference(np.array([fooled[s][a][idx] for s in shared], bool).reshape(
+        len(shared), len(idx)), np.array([fooled[s][b][idx] for s in shared], bool).reshape(
+        len(shared), len(idx)))
+    comps.append({"a": a, "b": b, **d, "verdict": verdict(d)})
+  return {"common_pairs": int(len(idx)),
+          "source_success_rate": {s: float(v[idx].mean()) if len(idx) else None
+                                  for s, v in source_success.items()},
+          "transfer_rate": matrix, "mean_rate_from_other_sources": mean_rate,
+          "comparisons": comps,
+          "per_pair": {"common": common.astype(int).tolist(),
+                       "source_success": {s: v.astype(int).tolist()
+                                          for s, v in source_success.items()},
+                       "fooled": {s: {t: v.astype(int).tolist() for t, v in row.items()}
+                                  for s, row in fooled.items()}}}
+
+
 def transfer_all(suite, models: dict, pairs: dict, calibration: dict, progress: bool = True) -> dict:
   """The stage (see the module docstring) on ``models`` (``{method: FaceModel}``, first seed),
   with ``calibration[method]`` each model's ``run.json`` calibration; writes and returns
   ``<suite.out>/transfer_v2.json``."""
   plan = SMOKE_ROBUST_PLAN if suite.smoke else RobustPlan()
+  tplan = SMOKE_TRANSFER_PLAN if suite.smoke else TransferPlan()
   methods = list(models)
   x_src = {m: models[m].prepare(pairs["src"]) for m in methods}
   x_tgt = {m: models[m].prepare(pairs["tgt"]) for m in methods}
@@ -103,50 +179,56 @@ def transfer_all(suite, models: dict, pairs: dict, calibration: dict, progress: 
                 key=float, reverse=True)
   doc = {"methods": methods, "runs": {m: models[m].workdir for m in methods},
          "attack": "ifgsm", "plan": plan.as_dict(), "pairs": pairs["names"],
-         "operating_points": {}, "provenance": provenance.record()}
+         "operating_points": {},
+         "fixed_budget": {"plan": json.loads(json.dumps(dataclasses.asdict(tplan))),
+                          "attacks": {}},
+         "provenance": provenance.record()}
+  thr = {far: {m: float(calibration[m]["operating_points"][far]["threshold"]) for m in methods}
+         for far in fars}
+  # The common pairs of an operating point: no model accepts them before any perturbation.
+  common = {far: ~np.any([clean[m] < thr[far][m] for m in methods], axis=0) for far in fars}
+
+  def dist(t, x):
+    return np.linalg.norm(models[t].embed(x) - emb_t[t], axis=1)
+
   for far in fars:
-    thr = {m: float(calibration[m]["operating_points"][far]["threshold"]) for m in methods}
-    pre = {m: clean[m] < thr[m] for m in methods}
-    common = ~np.any([pre[m] for m in methods], axis=0)
     fooled: dict[str, dict[str, np.ndarray]] = {}
     source_success = {}
     for s in methods:
-      ex = craft(models[s], pairs, thr[s], plan,
+      ex = craft(models[s], pairs, thr[far][s], plan,
                  os.path.join(models[s].workdir, "suite_transfer", f"{far}_ifgsm.npz"), progress)
       source_success[s] = ex["success"]
-      fooled[s] = {}
-      for t in methods:
-        if t == s:
-          continue
-        d = np.linalg.norm(models[t].embed(ex["x_adv"]) - emb_t[t], axis=1)
-        fooled[s][t] = ex["success"] & (d < thr[t])
-    idx = np.flatnonzero(common)
-    matrix = {s: {t: float(v[idx].mean()) if len(idx) else None for t, v in row.items()}
-              for s, row in fooled.items()}
-    mean_rate = {t: float(np.mean([fooled[s][t][idx].mean() for s in methods if s != t]))
-                 if len(idx) and len(methods) > 1 else None for t in methods}
-    comps = []
-    for a, b in COMPARISONS:
-      if a not in methods or b not in methods:
-        continue
-      shared = [s for s in methods if s not in (a, b)]
-      d = paired_difference(np.array([fooled[s][a][idx] for s in shared], bool).reshape(
-          len(shared), len(idx)), np.array([fooled[s][b][idx] for s in shared], bool).reshape(
-          len(shared), len(idx)))
-      comps.append({"a": a, "b": b, **d, "verdict": verdict(d)})
+      # A minimal example that failed on its source counts as not transferred.
+      fooled[s] = {t: ex["success"] & (dist(t, ex["x_adv"]) < thr[far][t])
+                   for t in methods if t != s}
     doc["operating_points"][far] = {
-        "thresholds": thr, "common_pairs": int(len(idx)),
-        "pre_accepted": {m: int(pre[m].sum()) for m in methods},
-        "source_success_rate": {s: float(v[idx].mean()) if len(idx) else None
-                                for s, v in source_success.items()},
-        "transfer_rate": matrix, "mean_rate_from_other_sources": mean_rate,
-        "comparisons": comps,
-        "per_pair": {"common": common.astype(int).tolist(),
-                     "fooled": {s: {t: v.astype(int).tolist() for t, v in row.items()}
-                                for s, row in fooled.items()}}}
+        "thresholds": thr[far],
+        "pre_accepted": {m: int((clean[m] < thr[far][m]).sum()) for m in methods},
+        **_point(methods, fooled, source_success, common[far])}
     if progress:
-      print(f"transfer at FAR {far}: {len(idx)} common pairs; mean rate per target: " +
-            ", ".join(f"{t} {r:.3f}" for t, r in mean_rate.items() if r is not None), flush=True)
+      mean = doc["operating_points"][far]["mean_rate_from_other_sources"]
+      print(f"transfer at FAR {far}: {int(common[far].sum())} common pairs; mean rate per "
+            "target: " + ", ".join(f"{t} {r:.3f}" for t, r in mean.items() if r is not None),
+            flush=True)
+  for name, cfg in tplan.configs().items():
+    dists = {}
+    for s in methods:
+      ex = craft_budget(models[s], pairs, cfg, plan,
+                        os.path.join(models[s].workdir, "suite_transfer", f"{name}.npz"), progress)
+      dists[s] = {t: dist(t, ex["x_adv"]) for t in methods}
+    entry = {"epsilon": cfg.epsilon, "steps": cfg.max_iters, "step_size": cfg.step_size,
+             "operating_points": {}}
+    for far in fars:
+      # Fixed-budget examples are what a black-box attacker would send whether or not the
+      # source accepts them: the target's acceptance alone counts.
+      fooled = {s: {t: dists[s][t] < thr[far][t] for t in methods if t != s} for s in methods}
+      source_success = {s: dists[s][s] < thr[far][s] for s in methods}
+      entry["operating_points"][far] = _point(methods, fooled, source_success, common[far])
+      if progress:
+        mean = entry["operating_points"][far]["mean_rate_from_other_sources"]
+        print(f"transfer {name} at FAR {far}: mean rate per target: " + ", ".join(
+            f"{t} {r:.3f}" for t, r in mean.items() if r is not None), flush=True)
+    doc["fixed_budget"]["attacks"][name] = entry
   path = os.path.join(suite.out, "transfer_v2.json")
   with open(path + ".tmp", "w") as f:
     json.dump(doc, f)

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 
 import faceens
-from faceens import attack, reproduce_report, verification
+from faceens import attack, reproduce_attacks, reproduce_report, verification
 from faceens.attacks import lots
 from tests.builders import make_lfw
 from tests.conftest import FAST_COMPILE_ENV, subprocess_env
@@ -112,6 +112,31 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
       fooled = np.array(point["per_pair"]["fooled"][s][t], bool)
       want = fooled[common].mean() if common.any() else None
       assert point["transfer_rate"][s][t] == want
+  # Fixed-budget transfer: the cached examples stay inside the L_inf ball, and each verdict is the
+  # target's distance to the target feature, recomputed here, against its threshold.
+  fixed = tr["fixed_budget"]["attacks"]
+  assert list(fixed) == ["pgd_8"] and fixed["pgd_8"]["steps"] == 3
+  eps = fixed["pgd_8"]["epsilon"]
+  models = {m: faceens.load(str(runs / f"arcface_{m}_s0")) for m in ("single", "srv_fdp")}
+  ap = reproduce_attacks.attack_pairs(models["single"].config, reproduce_attacks.SMOKE_PLAN)
+  assert json.loads(json.dumps(ap["names"])) == tr["pairs"]
+  x_src, x_tgt = ap["src"], ap["tgt"]
+  for s, t in (("single", "srv_fdp"), ("srv_fdp", "single")):
+    with np.load(runs / f"arcface_{s}_s0" / "suite_transfer" / "pgd_8.npz") as z:
+      x_adv = z["x_adv"]
+    # Pixels in [0, 1]: a projected pixel is off the ball's edge by float32 rounding of x +- eps.
+    src = models[s].prepare(x_src)
+    assert np.abs(x_adv - src).max() <= eps + 2 * np.finfo(np.float32).eps
+    d = np.linalg.norm(models[t].embed(x_adv) - models[t].embed(models[t].prepare(x_tgt)), axis=1)
+    for far, point in fixed["pgd_8"]["operating_points"].items():
+      thr = tr["operating_points"][far]["thresholds"][t]
+      fooled = np.array(point["per_pair"]["fooled"][s][t], bool)
+      # Distances within float32 rounding of the threshold could go either way between passes.
+      clear = np.abs(d - thr) > 1e-5
+      np.testing.assert_array_equal(fooled[clear], (d < thr)[clear])
+      common = np.array(point["per_pair"]["common"], bool)
+      assert point["transfer_rate"][s][t] == (fooled[common].mean() if common.any() else None)
+  assert "L_inf 8/255 (3 steps of 2/255)" in (out / "REPORT_v2.md").read_text()
   assert os.path.isfile(out / "tau_ifgsm.png") and os.path.isfile(out / "transfer.png")
 
   # faceens.attack on an LFW run draws its pairs from the official test folds' different people.
