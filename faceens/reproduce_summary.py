@@ -238,12 +238,33 @@ def write(out: str) -> str:
       transfer = json.load(f)
     results["transfer"] = {far: {k: v for k, v in p.items() if k != "per_pair"}
                            for far, p in transfer["operating_points"].items()}
+    results["transfer_fixed_budget"] = {
+        name: {far: {k: v for k, v in p.items() if k != "per_pair"}
+               for far, p in e["operating_points"].items()}
+        for name, e in transfer.get("fixed_budget", {}).get("attacks", {}).items()}
+  results["compute"] = compute_seconds(runs)
   with open(os.path.join(out, "results_v2.json"), "w") as f:
     json.dump(results, f)
   path = os.path.join(out, "REPORT_v2.md")
   with open(path, "w") as f:
     f.write(_markdown(groups, fars, results, transfer))
   return path
+
+
+def compute_seconds(runs: list[dict]) -> dict:
+  """Wall seconds each run's processes recorded: training (its summary's ``train_seconds``) and
+  the robustness stage's attacks (the sum of each attack's ``seconds``), per run and in total."""
+  per_run = {}
+  for r in runs:
+    attacks = None
+    if r["robustness"]:
+      attacks = float(sum(a.get("seconds", 0.0) for p in r["robustness"]["operating_points"].values()
+                          for a in p["attacks"].values()))
+    per_run[r["run"]] = {"train": float(r["summary"]["train_seconds"]), "robustness": attacks}
+  return {"per_run": per_run,
+          "train_total": float(sum(v["train"] for v in per_run.values())),
+          "robustness_total": float(sum(v["robustness"] or 0.0 for v in per_run.values())),
+          "robustness_runs": sum(v["robustness"] is not None for v in per_run.values())}
 
 
 def _round(a, digits=5):
@@ -398,6 +419,12 @@ def _markdown(groups: dict, fars: list, results: dict, transfer: dict | None = N
                f"{by['cw'][i]['verdict']} |")
   if transfer:
     L += _transfer_markdown(transfer)
+  cost = results["compute"]
+  L += ["", f"Compute so far, as each process recorded it on this 2-core CPU (training and attack "
+        f"processes often ran at the same time, so the sum exceeds the elapsed time): training "
+        f"{cost['train_total'] / 3600:.1f} h for {len(cost['per_run'])} runs, white-box attacks "
+        f"{cost['robustness_total'] / 3600:.1f} h for {cost['robustness_runs']} runs (per run in "
+        "`results_v2.json`, `compute`)."]
   L += ["", "Robust accuracy under an L2 budget b: the share of pairs whose worst-case L2 exceeds "
         "b (an example of exactly b breaks the pair). `results_v2.json` holds every run's config, provenance, "
         "calibration, test-pair distances with labels and folds, and per attack and pair the "

@@ -100,6 +100,15 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
   assert most.startswith("incomplete (1 of 6 comparisons run") or most == "contradicted"
   assert v2["accuracy_vs_single"]["srv_fdp"]["verdict"] in ("no loss", "loss", "cannot tell")
   assert "## Robustness at FAR 0.01" in (out / "REPORT_v2.md").read_text()
+  # Compute: training seconds from each run's summary, attack seconds summed over its attacks.
+  for m in ("single", "srv_fdp"):
+    run = json.loads((out / "per_run" / f"arcface_{m}_s0" / "run.json").read_text())
+    rob = json.loads((out / "per_run" / f"arcface_{m}_s0" / "robustness.json").read_text())
+    cost = v2["compute"]["per_run"][f"arcface_{m}_s0"]
+    assert cost["train"] == run["summary"]["train_seconds"] > 0
+    assert np.isclose(cost["robustness"], sum(a["seconds"] for p in rob["operating_points"].values()
+                                              for a in p["attacks"].values()), rtol=1e-12)
+  assert v2["compute"]["robustness_runs"] == 2
   assert res["transfer"] is not None and set(res["transfer"]["targets"]) == {"srv_fdp"}
   # Suite v2's transfer: both directions on the pairs neither model accepts clean; each rate is
   # recomputable from the stored per-pair verdicts.
