@@ -260,8 +260,11 @@ def compute_seconds(runs: list[dict]) -> dict:
     if r["robustness"]:
       attacks = float(sum(a.get("seconds", 0.0) for p in r["robustness"]["operating_points"].values()
                           for a in p["attacks"].values()))
-    per_run[r["run"]] = {"train": float(r["summary"]["train_seconds"]), "robustness": attacks}
+    per_run[r["run"]] = {"train": float(r["summary"]["train_seconds"]), "robustness": attacks,
+                         "resumed": bool(r["summary"].get("resumed_from"))}
   return {"per_run": per_run,
+          # A resumed run's summary times only its last process: the total is then a lower bound.
+          "train_resumed_runs": sum(v["resumed"] for v in per_run.values()),
           "train_total": float(sum(v["train"] for v in per_run.values())),
           "robustness_total": float(sum(v["robustness"] or 0.0 for v in per_run.values())),
           "robustness_runs": sum(v["robustness"] is not None for v in per_run.values())}
@@ -422,8 +425,11 @@ def _markdown(groups: dict, fars: list, results: dict, transfer: dict | None = N
   cost = results["compute"]
   L += ["", f"Compute so far, as each process recorded it on this 2-core CPU (training and attack "
         f"processes often ran at the same time, so the sum exceeds the elapsed time): training "
-        f"{cost['train_total'] / 3600:.1f} h for {len(cost['per_run'])} runs, white-box attacks "
-        f"{cost['robustness_total'] / 3600:.1f} h for {cost['robustness_runs']} runs (per run in "
+        f"{cost['train_total'] / 3600:.1f} h for {len(cost['per_run'])} runs"
+        + (f" (at least: {cost['train_resumed_runs']} resumed runs count their last process "
+           "only)" if cost["train_resumed_runs"] else "")
+        + f", white-box attacks {cost['robustness_total'] / 3600:.1f} h for "
+        f"{cost['robustness_runs']} runs; transfer crafting is not counted (per run in "
         "`results_v2.json`, `compute`)."]
   L += ["", "Robust accuracy under an L2 budget b: the share of pairs whose worst-case L2 exceeds "
         "b (an example of exactly b breaks the pair). `results_v2.json` holds every run's config, provenance, "

@@ -103,18 +103,20 @@ def craft_budget(model, pairs: dict, cfg: lots.AttackConfig, plan: RobustPlan, c
                  progress: bool) -> dict:
   """Fixed-budget examples of ``model`` on ``pairs``: ``cfg`` (PGD) for all its steps (goal 0:
   no early stop; its last iterate); independent of any threshold, so one set serves every operating point. Cached like ``craft``."""
+  # The random starts depend on the batching (one key per batch of plan.batch_size).
   key = json.dumps({"config": dataclasses.asdict(cfg), "step": model.step,
-                    "pairs": pairs["names"], "goal": 0.0}, sort_keys=True)
+                    "pairs": pairs["names"], "goal": 0.0, "batch_size": plan.batch_size,
+                    "seed": 0}, sort_keys=True)
 
   def compute():
     x_src, x_tgt = model.prepare(pairs["src"]), model.prepare(pairs["tgt"])
     emb_t = ensemble.ensemble_embedding(model.member_features(x_tgt))
     r = attack.run_compacted(model, x_src, emb_t, 0.0, cfg, chunk=plan.chunk,
-                             max_batch=plan.batch_size, progress=progress,
+                             max_batch=plan.batch_size, seed=0, progress=progress,
                              desc=f"transfer source {model.config.method} "
                                   f"L_inf {cfg.epsilon * 255:g}/255")
     return {"x_adv": np.asarray(r["x_adv"], np.float32),
-            "linf": np.asarray(r["linf"], np.float32)}
+            "linf": np.asarray(r["linf"], np.float32), "iterations": np.asarray(r["iterations"])}
   return _cached(os.path.dirname(cache), os.path.splitext(os.path.basename(cache))[0], key,
                  compute)
 

@@ -133,7 +133,9 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
   for s, t in (("single", "srv_fdp"), ("srv_fdp", "single")):
     with np.load(runs / f"arcface_{s}_s0" / "suite_transfer" / "pgd_8.npz") as z:
       x_adv = z["x_adv"]
-    # Pixels in [0, 1]: a projected pixel is off the ball's edge by float32 rounding of x +- eps.
+      assert (z["iterations"] == 3).all()   # every step taken: no early stop
+    # A projected pixel is off the ball's edge by float32 rounding of x +- eps (x in [0, 1]).
+    assert 0.0 <= x_adv.min() and x_adv.max() <= 1.0
     src = models[s].prepare(x_src)
     assert np.abs(x_adv - src).max() <= eps + 2 * np.finfo(np.float32).eps
     d = np.linalg.norm(models[t].embed(x_adv) - models[t].embed(models[t].prepare(x_tgt)), axis=1)
