@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 
+from faceens import logs
 from faceens.data import image_folder, recordio
 from faceens.data.image_folder import DataError
 
@@ -43,11 +44,15 @@ def encode_file(path: str, size: int, fit: str = "pad", quality: int = 95,
 def pack_folder(images_dir: str, out_dir: str, size: int = 112, fit: str = "pad",
                 quality: int = 95, keep_bytes: bool = False, skip_bad: bool = False,
                 progress: bool = True) -> dict:
-  from tqdm import tqdm
   names, files, skipped = image_folder.list_image_files(images_dir, skip_bad=skip_bad)
-  files = tqdm(files, disable=not progress, unit="img", desc="pack_rec")
-  encoded, labels, _ = image_folder.read_each(
-      files, lambda p: encode_file(p, size, fit, quality, keep_bytes), skip_bad, skipped)
+  # A bar on a terminal, periodic lines in a log (logs.progress).
+  with logs.progress(total=len(files), disable=not progress, unit="img", desc="pack_rec") as bar:
+    def encode(p):
+      try:
+        return encode_file(p, size, fit, quality, keep_bytes)
+      finally:
+        bar.update(1)
+    encoded, labels, _ = image_folder.read_each(files, encode, skip_bad, skipped)
   if skipped:
     logging.warning("skipped %d unreadable files (first: %s)", len(skipped), skipped[0])
   if not encoded:
