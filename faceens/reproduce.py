@@ -283,21 +283,27 @@ def robustness_stage(suite: Suite, progress: bool = True) -> list[str]:
 
 
 def transfer_stage(suite: Suite, progress: bool = True) -> dict | None:
-  """``reproduce_transfer.transfer_all`` over the first seed's finished runs (exported first);
-  None when fewer than two are finished."""
+  """``reproduce_transfer.transfer_all`` over the first seed's finished runs, with the second
+  seed's finished runs as the cross-seed sources (all exported first); None when fewer than two
+  runs of the first seed are finished."""
   trained = [r for r in suite.runs() if is_trained(suite.workdir(r), run_config(suite, r))]
   models = reproduce_transfer.load_models(suite, trained)
   if len(models) < 2:
     if progress:
       print("transfer: fewer than two finished runs of the first seed; skipped", flush=True)
     return None
+  second = (reproduce_transfer.load_models(suite, trained, suite.seeds[1])
+            if len(suite.seeds) > 1 else {})
   calibration = {}
-  for m in models:
-    with open(os.path.join(export_run(suite, RunSpec(m, suite.seeds[0])), "run.json")) as f:
-      calibration[m] = json.load(f)["calibration"]
+  groups = [(suite.seeds[0], models)] + ([(suite.seeds[1], second)] if second else [])
+  for seed, group in groups:
+    for m, model in group.items():
+      with open(os.path.join(export_run(suite, RunSpec(m, seed)), "run.json")) as f:
+        calibration[model.workdir] = json.load(f)["calibration"]
   plan = reproduce_attacks.plan_for(suite)
   pairs = reproduce_attacks.attack_pairs(run_config(suite, next(iter(models))), plan)
-  return reproduce_transfer.transfer_all(suite, models, pairs, calibration, progress=progress)
+  return reproduce_transfer.transfer_all(suite, models, pairs, calibration, progress=progress,
+                                         second_seed=second)
 
 
 def trained_configs(suite: Suite) -> dict:

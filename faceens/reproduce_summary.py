@@ -242,6 +242,15 @@ def write(out: str) -> str:
         name: {far: {k: v for k, v in p.items() if k != "per_pair"}
                for far, p in e["operating_points"].items()}
         for name, e in transfer.get("fixed_budget", {}).get("attacks", {}).items()}
+    if "cross_seed" in transfer:
+      c = transfer["cross_seed"]
+      results["transfer_cross_seed"] = {
+          "sources": c["sources"], "targets": c["targets"],
+          "minimal": {far: {k: v for k, v in p.items() if k != "per_pair"}
+                      for far, p in c["operating_points"].items()},
+          "fixed_budget": {name: {far: {k: v for k, v in p.items() if k != "per_pair"}
+                                  for far, p in e["operating_points"].items()}
+                           for name, e in c["fixed_budget"].items()}}
   results["compute"] = compute_seconds(runs)
   with open(os.path.join(out, "results_v2.json"), "w") as f:
     json.dump(results, f)
@@ -300,23 +309,24 @@ def _fmt(d: dict) -> str:
   return f"{f(d['difference'])} [{f(d['lo'])}, {f(d['hi'])}]"
 
 
-def _transfer_tables(methods: list, points: dict, heading: str) -> list[str]:
+def _transfer_tables(rows: list, cols: list, points: dict, heading: str,
+                     row_label=label) -> list[str]:
   L = []
   for far, p in points.items():
     L += ["", f"{heading} at FAR {far}: {p['common_pairs']} common pairs", "",
-          "| source \\ target | " + " | ".join(label(m) for m in methods) + " | source itself |",
-          "| --- |" + " --- |" * (len(methods) + 1)]
-    for s in methods:
-      row = [("-" if t == s else "%.2f" % p["transfer_rate"][s][t]
-              if p["transfer_rate"][s][t] is not None else "n/a") for t in methods]
+          "| source \\ target | " + " | ".join(label(m) for m in cols) + " | source itself |",
+          "| --- |" + " --- |" * (len(cols) + 1)]
+    for s in rows:
+      row = [("-" if t not in p["transfer_rate"][s] else "%.2f" % p["transfer_rate"][s][t]
+              if p["transfer_rate"][s][t] is not None else "n/a") for t in cols]
       own = p.get("source_success_rate", {}).get(s)
       row.append("n/a" if own is None else "%.2f" % own)
-      L.append(f"| {label(s)} | " + " | ".join(row) + " |")
+      L.append(f"| {row_label(s)} | " + " | ".join(row) + " |")
     mean = p["mean_rate_from_other_sources"]
-    L.append("| mean from the other sources | " + " | ".join(
-        "n/a" if mean[t] is None else "%.3f" % mean[t] for t in methods) + " | |")
+    L.append("| mean from the other methods' sources | " + " | ".join(
+        "n/a" if mean[t] is None else "%.3f" % mean[t] for t in cols) + " | |")
     if p["comparisons"]:
-      L += ["", "Target A minus target B, mean over the sources that are neither (95% bootstrap "
+      L += ["", "Target A minus target B, mean over the sources of neither method (95% bootstrap "
             "over the common pairs, paired):", ""]
       for c in p["comparisons"]:
         L.append(f"- {label(c['a'])} - {label(c['b'])}: " + (
@@ -325,26 +335,55 @@ def _transfer_tables(methods: list, points: dict, heading: str) -> list[str]:
   return L
 
 
-def _transfer_markdown(transfer: dict) -> list[str]:
-  methods = transfer["methods"]
-  L = ["", "## Black-box transfer (first seed of each method)", "",
-       "The rate is the share of the **common pairs** (the attack pairs no model accepts before "
-       "any perturbation at that operating point) whose source example the target accepts at "
-       "its own threshold of the same point (`faceens/reproduce_transfer.py`, "
-       "`transfer_v2.json`); the last column is the source's own (white-box) rate.", "",
-       "**Minimal examples**: I-FGSM on each source until the source accepts them at its own "
+def _transfer_section(rows: list, cols: list, part: dict, row_label=label) -> list[str]:
+  """Minimal and fixed-budget tables of one ``transfer_between`` result."""
+  L = ["", "**Minimal examples**: I-FGSM on each source until the source accepts them at its own "
        "threshold of the operating point; a source's failure counts as not transferred."]
-  L += _transfer_tables(methods, transfer["operating_points"], "### Minimal examples")
-  fixed = transfer.get("fixed_budget", {}).get("attacks", {})
+  L += _transfer_tables(rows, cols, part["operating_points"], "#### Minimal examples", row_label)
+  fixed = part.get("fixed_budget", {})
   if fixed:
     L += ["", "**Fixed-budget examples**: L_inf PGD on each source from a random start, "
           "every step taken (no early stop: as deep as the budget allows), the same examples at "
           "every operating point; the target's acceptance counts whether or not the source "
           "accepts."]
-    for name, e in fixed.items():
-      L += _transfer_tables(methods, e["operating_points"],
-                            f"### L_inf {e['epsilon'] * 255:g}/255 ({e['steps']} steps of "
-                            f"{e['step_size'] * 255:g}/255)")
+    for e in fixed.values():
+      L += _transfer_tables(rows, cols, e["operating_points"],
+                            f"#### L_inf {e['epsilon'] * 255:g}/255 ({e['steps']} steps of "
+                            f"{e['step_size'] * 255:g}/255)", row_label)
+  return L
+
+
+def _transfer_markdown(transfer: dict) -> list[str]:
+  methods = transfer["methods"]
+  L = ["", "## Black-box transfer", "",
+       "The rate is the share of the **common pairs** (the attack pairs no model accepts before "
+       "any perturbation at that operating point) whose source example the target accepts at "
+       "its own threshold of the same point (`faceens/reproduce_transfer.py`, "
+       "`transfer_v2.json`); the last column is the source's own (white-box) rate."]
+  cross = transfer.get("cross_seed")
+  if cross:
+    sources = list(cross["sources"])
+    L += ["", "### Across seeds: sources of the second training seed, targets of the first", "",
+          "Every source is another training run than every target, its own method included "
+          "(the diagonal: the same method retrained). Sources so far: "
+          + ", ".join(label(s) for s in sources) + "."]
+    L += _transfer_section(sources, methods, cross,
+                           lambda s: f"{label(s)} (seed {cross['source_seed']})")
+  L += ["", "### Within the first seed", "",
+        "Caution: one training seed fixes the initial weights and the batch order of every "
+        "ensemble of the same size, so same-seed ensembles of different methods are close "
+        "relatives: transfer between them measures shared initialisation as much as the method. "
+        "The single model (K = 1) starts elsewhere."]
+  corr = transfer.get("parameter_correlation", {})
+  if corr.get("same_seed"):
+    same, across = list(corr["same_seed"].values()), list(corr.get("across_seeds", {}).values())
+    L[-1] += (f" Correlation of the backbone parameters between same-seed ensembles: "
+              f"{min(same):.3f} to {max(same):.3f}" + (
+                  f"; between two seeds of one method: {min(across):.3f} to {max(across):.3f}"
+                  if across else "") + " (`parameter_correlation` in `transfer_v2.json`).")
+  fixed = transfer.get("fixed_budget", {}).get("attacks", {})
+  L += _transfer_section(methods, methods, {"operating_points": transfer["operating_points"],
+                                            "fixed_budget": fixed})
   return L
 
 

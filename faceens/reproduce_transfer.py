@@ -35,6 +35,7 @@ import dataclasses
 import json
 import os
 
+import jax
 import numpy as np
 
 from faceens import api, attack, provenance
@@ -137,19 +138,23 @@ class TransferPlan:
 SMOKE_TRANSFER_PLAN = TransferPlan(budgets=(8.0 / 255,), steps=3)
 
 
-def _point(methods: list, fooled: dict, source_success: dict, common: np.ndarray) -> dict:
+def _point(sources: list, targets: list, fooled: dict, source_success: dict,
+           common: np.ndarray) -> dict:
   """One operating point's rates from ``fooled[s][t]`` and ``source_success[s]`` (per-pair
-  booleans over all attack pairs), on the ``common`` pairs."""
+  booleans over all attack pairs), on the ``common`` pairs. A target's mean and the comparisons
+  use the sources of other methods only (``s != t``; ``s`` not in the compared pair)."""
   idx = np.flatnonzero(common)
   matrix = {s: {t: float(v[idx].mean()) if len(idx) else None for t, v in row.items()}
             for s, row in fooled.items()}
-  mean_rate = {t: float(np.mean([fooled[s][t][idx].mean() for s in methods if s != t]))
-               if len(idx) and len(methods) > 1 else None for t in methods}
+  mean_rate = {}
+  for t in targets:
+    others = [fooled[s][t][idx].mean() for s in sources if s != t]
+    mean_rate[t] = float(np.mean(others)) if len(idx) and others else None
   comps = []
   for a, b in COMPARISONS:
-    if a not in methods or b not in methods:
+    if a not in targets or b not in targets:
       continue
-    shared = [s for s in methods if s not in (a, b)]
+    shared = [s for s in sources if s not in (a, b)]
     d = paired_difference(np.array([fooled[s][a][idx] for s in shared], bool).reshape(
         len(shared), len(idx)), np.array([fooled[s][b][idx] for s in shared], bool).reshape(
         len(shared), len(idx)))
@@ -166,71 +171,118 @@ def _point(methods: list, fooled: dict, source_success: dict, common: np.ndarray
                                   for s, row in fooled.items()}}}
 
 
-def transfer_all(suite, models: dict, pairs: dict, calibration: dict, progress: bool = True) -> dict:
-  """The stage (see the module docstring) on ``models`` (``{method: FaceModel}``, first seed),
-  with ``calibration[method]`` each model's ``run.json`` calibration; writes and returns
-  ``<suite.out>/transfer_v2.json``."""
-  plan = SMOKE_ROBUST_PLAN if suite.smoke else RobustPlan()
-  tplan = SMOKE_TRANSFER_PLAN if suite.smoke else TransferPlan()
-  methods = list(models)
-  x_src = {m: models[m].prepare(pairs["src"]) for m in methods}
-  x_tgt = {m: models[m].prepare(pairs["tgt"]) for m in methods}
-  emb_t = {m: models[m].embed(x_tgt[m]) for m in methods}
-  clean = {m: np.linalg.norm(models[m].embed(x_src[m]) - emb_t[m], axis=1) for m in methods}
-  fars = sorted(set.intersection(*[set(calibration[m]["operating_points"]) for m in methods]),
-                key=float, reverse=True)
-  doc = {"methods": methods, "runs": {m: models[m].workdir for m in methods},
-         "attack": "ifgsm", "plan": plan.as_dict(), "pairs": pairs["names"],
-         "operating_points": {},
-         "fixed_budget": {"plan": json.loads(json.dumps(dataclasses.asdict(tplan))),
-                          "attacks": {}},
-         "provenance": provenance.record()}
-  thr = {far: {m: float(calibration[m]["operating_points"][far]["threshold"]) for m in methods}
-         for far in fars}
-  # The common pairs of an operating point: no model accepts them before any perturbation.
-  common = {far: ~np.any([clean[m] < thr[far][m] for m in methods], axis=0) for far in fars}
+def transfer_between(sources: dict, targets: dict, pairs: dict, calibration: dict, plan: RobustPlan,
+                     tplan: TransferPlan, progress: bool = True) -> dict:
+  """Transfer from ``sources`` to ``targets`` (each ``{method: FaceModel}``; ``calibration``
+  ``{workdir: run.json calibration}`` of every model). The same models on both sides (one seed):
+  a model is no target of its own examples; otherwise (sources of another seed) every source
+  meets every target, its own method included. ``{"operating_points", "fixed_budget"}``."""
+  same = all(sources.get(m) is targets[m] for m in targets) and set(sources) == set(targets)
+  models = {id(m): m for m in [*sources.values(), *targets.values()]}
+  embs = {}
+  for m in models.values():
+    e_tgt = m.embed(m.prepare(pairs["tgt"]))
+    embs[id(m)] = (e_tgt, np.linalg.norm(m.embed(m.prepare(pairs["src"])) - e_tgt, axis=1))
+  fars = sorted(set.intersection(*[set(calibration[m.workdir]["operating_points"])
+                                   for m in models.values()]), key=float, reverse=True)
+  thr = {far: {id(m): float(calibration[m.workdir]["operating_points"][far]["threshold"])
+               for m in models.values()} for far in fars}
+  # The common pairs of an operating point: no model of either side accepts them before any
+  # perturbation.
+  common = {far: ~np.any([embs[i][1] < thr[far][i] for i in models], axis=0) for far in fars}
 
-  def dist(t, x):
-    return np.linalg.norm(models[t].embed(x) - emb_t[t], axis=1)
+  def dist(model, x):
+    return np.linalg.norm(model.embed(x) - embs[id(model)][0], axis=1)
 
+  def pairs_of(s):
+    return [t for t in targets if not (same and t == s)]
+
+  out = {"sources": {s: m.workdir for s, m in sources.items()},
+         "targets": {t: m.workdir for t, m in targets.items()},
+         "operating_points": {}, "fixed_budget": {}}
   for far in fars:
     fooled: dict[str, dict[str, np.ndarray]] = {}
     source_success = {}
-    for s in methods:
-      ex = craft(models[s], pairs, thr[far][s], plan,
-                 os.path.join(models[s].workdir, "suite_transfer", f"{far}_ifgsm.npz"), progress)
+    for s, sm in sources.items():
+      ex = craft(sm, pairs, thr[far][id(sm)], plan,
+                 os.path.join(sm.workdir, "suite_transfer", f"{far}_ifgsm.npz"), progress)
       source_success[s] = ex["success"]
       # A minimal example that failed on its source counts as not transferred.
-      fooled[s] = {t: ex["success"] & (dist(t, ex["x_adv"]) < thr[far][t])
-                   for t in methods if t != s}
-    doc["operating_points"][far] = {
-        "thresholds": thr[far],
-        "pre_accepted": {m: int((clean[m] < thr[far][m]).sum()) for m in methods},
-        **_point(methods, fooled, source_success, common[far])}
+      fooled[s] = {t: ex["success"] & (dist(targets[t], ex["x_adv"]) < thr[far][id(targets[t])])
+                   for t in pairs_of(s)}
+    out["operating_points"][far] = {
+        "thresholds": {t: thr[far][id(m)] for t, m in targets.items()},
+        "source_thresholds": {s: thr[far][id(m)] for s, m in sources.items()},
+        "pre_accepted": {t: int((embs[id(m)][1] < thr[far][id(m)]).sum())
+                         for t, m in targets.items()},
+        **_point(list(sources), list(targets), fooled, source_success, common[far])}
     if progress:
-      mean = doc["operating_points"][far]["mean_rate_from_other_sources"]
+      mean = out["operating_points"][far]["mean_rate_from_other_sources"]
       print(f"transfer at FAR {far}: {int(common[far].sum())} common pairs; mean rate per "
             "target: " + ", ".join(f"{t} {r:.3f}" for t, r in mean.items() if r is not None),
             flush=True)
   for name, cfg in tplan.configs().items():
-    dists = {}
-    for s in methods:
-      ex = craft_budget(models[s], pairs, cfg, plan,
-                        os.path.join(models[s].workdir, "suite_transfer", f"{name}.npz"), progress)
-      dists[s] = {t: dist(t, ex["x_adv"]) for t in methods}
+    dists, own = {}, {}
+    for s, sm in sources.items():
+      ex = craft_budget(sm, pairs, cfg, plan,
+                        os.path.join(sm.workdir, "suite_transfer", f"{name}.npz"), progress)
+      dists[s] = {t: dist(targets[t], ex["x_adv"]) for t in pairs_of(s)}
+      own[s] = dist(sm, ex["x_adv"])
     entry = {"epsilon": cfg.epsilon, "steps": cfg.max_iters, "step_size": cfg.step_size,
              "operating_points": {}}
     for far in fars:
       # Fixed-budget examples are what a black-box attacker would send whether or not the
       # source accepts them: the target's acceptance alone counts.
-      fooled = {s: {t: dists[s][t] < thr[far][t] for t in methods if t != s} for s in methods}
-      source_success = {s: dists[s][s] < thr[far][s] for s in methods}
-      entry["operating_points"][far] = _point(methods, fooled, source_success, common[far])
+      fooled = {s: {t: d < thr[far][id(targets[t])] for t, d in row.items()}
+                for s, row in dists.items()}
+      source_success = {s: own[s] < thr[far][id(sm)] for s, sm in sources.items()}
+      entry["operating_points"][far] = _point(list(sources), list(targets), fooled,
+                                              source_success, common[far])
       if progress:
         mean = entry["operating_points"][far]["mean_rate_from_other_sources"]
         print(f"transfer {name} at FAR {far}: mean rate per target: " + ", ".join(
             f"{t} {r:.3f}" for t, r in mean.items() if r is not None), flush=True)
-    doc["fixed_budget"]["attacks"][name] = entry
+    out["fixed_budget"][name] = entry
+  return out
+
+
+def parameter_correlation(a, b) -> float | None:
+  """Pearson correlation of two models' backbone parameters, all leaves concatenated; None when
+  their shapes differ (e.g. a single model and an ensemble)."""
+  la, lb = jax.tree.leaves(a.variables["params"]), jax.tree.leaves(b.variables["params"])
+  if [x.shape for x in la] != [x.shape for x in lb]:
+    return None
+  va = np.concatenate([np.asarray(x, np.float64).ravel() for x in la])
+  vb = np.concatenate([np.asarray(x, np.float64).ravel() for x in lb])
+  return float(np.corrcoef(va, vb)[0, 1])
+
+
+def transfer_all(suite, models: dict, pairs: dict, calibration: dict, progress: bool = True,
+                 second_seed: dict | None = None) -> dict:
+  """The stage (see the module docstring) on ``models`` (``{method: FaceModel}``, first seed)
+  and, as sources of the cross-seed section, ``second_seed`` (``{method: FaceModel}``, the
+  second seed's finished runs); ``calibration``: ``{workdir: run.json calibration}``. Writes and
+  returns ``<suite.out>/transfer_v2.json``."""
+  plan = SMOKE_ROBUST_PLAN if suite.smoke else RobustPlan()
+  tplan = SMOKE_TRANSFER_PLAN if suite.smoke else TransferPlan()
+  same = transfer_between(models, models, pairs, calibration, plan, tplan, progress)
+  doc = {"methods": list(models), "runs": {m: models[m].workdir for m in models},
+         "attack": "ifgsm", "plan": plan.as_dict(), "pairs": pairs["names"],
+         "operating_points": same["operating_points"],
+         "fixed_budget": {"plan": json.loads(json.dumps(dataclasses.asdict(tplan))),
+                          "attacks": same["fixed_budget"]},
+         "provenance": provenance.record()}
+  doc["parameter_correlation"] = {
+      "same_seed": {f"{a}/{b}": r for i, a in enumerate(models) for b in list(models)[i + 1:]
+                    if (r := parameter_correlation(models[a], models[b])) is not None},
+      "across_seeds": {m: r for m in (second_seed or {})
+                       if (r := parameter_correlation(models[m], second_seed[m])) is not None}}
+  if second_seed:
+    if progress:
+      print(f"transfer across seeds: {len(second_seed)} sources of the second seed", flush=True)
+    doc["cross_seed"] = transfer_between(second_seed, models, pairs, calibration, plan, tplan,
+                                         progress)
+    doc["cross_seed"].update(source_seed=suite.seeds[1], target_seed=suite.seeds[0])
   path = os.path.join(suite.out, "transfer_v2.json")
   with open(path + ".tmp", "w") as f:
     json.dump(doc, f)
@@ -238,11 +290,12 @@ def transfer_all(suite, models: dict, pairs: dict, calibration: dict, progress: 
   return doc
 
 
-def load_models(suite, trained: list, progress: bool = True) -> dict:
-  """``{method: FaceModel}`` of the first seed's finished runs (AdvT's own margin only)."""
-  first = suite.seeds[0]
+def load_models(suite, trained: list, seed: int | None = None) -> dict:
+  """``{method: FaceModel}`` of one seed's finished runs (default the first; AdvT's own margin
+  only)."""
+  seed = suite.seeds[0] if seed is None else seed
   out = {}
   for run in trained:
-    if run.seed == first and run.advt_margin is None:
+    if run.seed == seed and run.advt_margin is None:
       out[run.method] = api.load(suite.workdir(run))
   return out

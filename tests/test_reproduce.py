@@ -129,16 +129,16 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
   models = {m: faceens.load(str(runs / f"arcface_{m}_s0")) for m in ("single", "srv_fdp")}
   ap = reproduce_attacks.attack_pairs(models["single"].config, reproduce_attacks.SMOKE_PLAN)
   assert json.loads(json.dumps(ap["names"])) == tr["pairs"]
-  x_src, x_tgt = ap["src"], ap["tgt"]
+  p_src, p_tgt = ap["src"], ap["tgt"]
   for s, t in (("single", "srv_fdp"), ("srv_fdp", "single")):
     with np.load(runs / f"arcface_{s}_s0" / "suite_transfer" / "pgd_8.npz") as z:
       x_adv = z["x_adv"]
       assert (z["iterations"] == 3).all()   # every step taken: no early stop
     # A projected pixel is off the ball's edge by float32 rounding of x +- eps (x in [0, 1]).
     assert 0.0 <= x_adv.min() and x_adv.max() <= 1.0
-    src = models[s].prepare(x_src)
+    src = models[s].prepare(p_src)
     assert np.abs(x_adv - src).max() <= eps + 2 * np.finfo(np.float32).eps
-    d = np.linalg.norm(models[t].embed(x_adv) - models[t].embed(models[t].prepare(x_tgt)), axis=1)
+    d = np.linalg.norm(models[t].embed(x_adv) - models[t].embed(models[t].prepare(p_tgt)), axis=1)
     for far, point in fixed["pgd_8"]["operating_points"].items():
       thr = tr["operating_points"][far]["thresholds"][t]
       fooled = np.array(point["per_pair"]["fooled"][s][t], bool)
@@ -164,6 +164,32 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stdout.count("trained, reused") == 2
   assert {p: os.path.getmtime(p) for p in runs.rglob("*.npz")} == stamp
+
+  # A second seed: its runs become the cross-seed transfer sources, every first-seed model a
+  # target, the source's own method included (the diagonal).
+  r = _run(args + ["--seeds=0,1", "--stages=train,export,transfer"], tmp_path)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  tr = json.loads((out / "transfer_v2.json").read_text())
+  cross = tr["cross_seed"]
+  assert (cross["source_seed"], cross["target_seed"]) == (1, 0)
+  assert all(w.endswith("_s1") for w in cross["sources"].values())
+  assert all(w.endswith("_s0") for w in cross["targets"].values())
+  # Parameters: the same seed's and the other seed's run of one method are different runs.
+  assert set(tr["parameter_correlation"]["across_seeds"]) == {"single", "srv_fdp"}
+  assert all(-1 <= v < 1 - 1e-6 for v in tr["parameter_correlation"]["across_seeds"].values())
+  for s in ("single", "srv_fdp"):
+    with np.load(runs / f"arcface_{s}_s1" / "suite_transfer" / "pgd_8.npz") as z:
+      x_adv = z["x_adv"]
+    for t in ("single", "srv_fdp"):
+      d = np.linalg.norm(models[t].embed(x_adv) - models[t].embed(models[t].prepare(p_tgt)),
+                         axis=1)
+      for far, point in cross["fixed_budget"]["pgd_8"]["operating_points"].items():
+        thr = tr["operating_points"][far]["thresholds"][t]
+        fooled = np.array(point["per_pair"]["fooled"][s][t], bool)
+        clear = np.abs(d - thr) > 1e-5
+        np.testing.assert_array_equal(fooled[clear], (d < thr)[clear])
+  report = (out / "REPORT_v2.md").read_text()
+  assert "### Across seeds" not in report   # the report stage did not run
 
 
 def test_paired_difference_against_hand_computation():
