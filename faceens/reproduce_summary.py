@@ -247,7 +247,7 @@ def write(out: str) -> str:
       results["transfer_cross_seed"] = {
           "sources": c["sources"], "targets": c["targets"],
           "minimal": {far: {k: v for k, v in p.items() if k != "per_pair"}
-                      for far, p in c["operating_points"].items()},
+                      for far, p in c.get("operating_points", {}).items()},
           "fixed_budget": {name: {far: {k: v for k, v in p.items() if k != "per_pair"}
                                   for far, p in e["operating_points"].items()}
                            for name, e in c["fixed_budget"].items()}}
@@ -339,7 +339,10 @@ def _transfer_section(rows: list, cols: list, part: dict, row_label=label) -> li
   """Minimal and fixed-budget tables of one ``transfer_between`` result."""
   L = ["", "**Minimal examples**: I-FGSM on each source until the source accepts them at its own "
        "threshold of the operating point; a source's failure counts as not transferred."]
-  L += _transfer_tables(rows, cols, part["operating_points"], "#### Minimal examples", row_label)
+  if not part.get("operating_points"):
+    L[-1] += " Not run yet."
+  L += _transfer_tables(rows, cols, part.get("operating_points", {}), "#### Minimal examples",
+                        row_label)
   fixed = part.get("fixed_budget", {})
   if fixed:
     L += ["", "**Fixed-budget examples**: L_inf PGD on each source from a random start, "

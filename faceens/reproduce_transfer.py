@@ -172,11 +172,13 @@ def _point(sources: list, targets: list, fooled: dict, source_success: dict,
 
 
 def transfer_between(sources: dict, targets: dict, pairs: dict, calibration: dict, plan: RobustPlan,
-                     tplan: TransferPlan, progress: bool = True) -> dict:
+                     tplan: TransferPlan, progress: bool = True,
+                     kinds: tuple[str, ...] = ("minimal", "fixed")) -> dict:
   """Transfer from ``sources`` to ``targets`` (each ``{method: FaceModel}``; ``calibration``
   ``{workdir: run.json calibration}`` of every model). The same models on both sides (one seed):
   a model is no target of its own examples; otherwise (sources of another seed) every source
-  meets every target, its own method included. ``{"operating_points", "fixed_budget"}``."""
+  meets every target, its own method included. ``{"operating_points", "fixed_budget"}``, the
+  first for ``"minimal"`` in ``kinds``, the second for ``"fixed"``."""
   same = all(sources.get(m) is targets[m] for m in targets) and set(sources) == set(targets)
   models = {id(m): m for m in [*sources.values(), *targets.values()]}
   embs = {}
@@ -200,7 +202,7 @@ def transfer_between(sources: dict, targets: dict, pairs: dict, calibration: dic
   out = {"sources": {s: m.workdir for s, m in sources.items()},
          "targets": {t: m.workdir for t, m in targets.items()},
          "operating_points": {}, "fixed_budget": {}}
-  for far in fars:
+  for far in fars if "minimal" in kinds else ():
     fooled: dict[str, dict[str, np.ndarray]] = {}
     source_success = {}
     for s, sm in sources.items():
@@ -221,7 +223,7 @@ def transfer_between(sources: dict, targets: dict, pairs: dict, calibration: dic
       print(f"transfer at FAR {far}: {int(common[far].sum())} common pairs; mean rate per "
             "target: " + ", ".join(f"{t} {r:.3f}" for t, r in mean.items() if r is not None),
             flush=True)
-  for name, cfg in tplan.configs().items():
+  for name, cfg in tplan.configs().items() if "fixed" in kinds else ():
     dists, own = {}, {}
     for s, sm in sources.items():
       ex = craft_budget(sm, pairs, cfg, plan,
@@ -277,16 +279,25 @@ def transfer_all(suite, models: dict, pairs: dict, calibration: dict, progress: 
                     if (r := parameter_correlation(models[a], models[b])) is not None},
       "across_seeds": {m: r for m in (second_seed or {})
                        if (r := parameter_correlation(models[m], second_seed[m])) is not None}}
+  path = os.path.join(suite.out, "transfer_v2.json")
+
+  def save():
+    with open(path + ".tmp", "w") as f:
+      json.dump(doc, f)
+    os.replace(path + ".tmp", path)
+  save()
   if second_seed:
     if progress:
       print(f"transfer across seeds: {len(second_seed)} sources of the second seed", flush=True)
+    # The cheap fixed-budget part first, saved before the minimal examples are crafted.
     doc["cross_seed"] = transfer_between(second_seed, models, pairs, calibration, plan, tplan,
-                                         progress)
+                                         progress, kinds=("fixed",))
     doc["cross_seed"].update(source_seed=suite.seeds[1], target_seed=suite.seeds[0])
-  path = os.path.join(suite.out, "transfer_v2.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(doc, f)
-  os.replace(path + ".tmp", path)
+    save()
+    doc["cross_seed"]["operating_points"] = transfer_between(
+        second_seed, models, pairs, calibration, plan, tplan, progress,
+        kinds=("minimal",))["operating_points"]
+    save()
   return doc
 
 
