@@ -374,13 +374,13 @@ def _transfer_markdown(transfer: dict) -> list[str]:
                            lambda s: f"{label(s)} (seed {cross['source_seed']})")
   L += ["", "### Within the first seed", "",
         "Caution: one training seed fixes the initial weights and the batch order of every "
-        "ensemble of the same size, so same-seed ensembles of different methods are close "
-        "relatives: transfer between them measures shared initialisation as much as the method. "
-        "The single model (K = 1) starts elsewhere."]
+        "ensemble, and the single model and AdvT start from the weights of member 0 of every "
+        "ensemble of that seed; so same-seed models of different methods are close relatives: "
+        "transfer between them measures shared initialisation as much as the method."]
   corr = transfer.get("parameter_correlation", {})
   if corr.get("same_seed"):
     same, across = list(corr["same_seed"].values()), list(corr.get("across_seeds", {}).values())
-    L[-1] += (f" Correlation of the backbone parameters between same-seed ensembles: "
+    L[-1] += (f" Correlation of member 0's backbone parameters between same-seed models: "
               f"{min(same):.3f} to {max(same):.3f}" + (
                   f"; between two seeds of one method: {min(across):.3f} to {max(across):.3f}"
                   if across else "") + " (`parameter_correlation` in `transfer_v2.json`).")

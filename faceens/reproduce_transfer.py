@@ -249,13 +249,14 @@ def transfer_between(sources: dict, targets: dict, pairs: dict, calibration: dic
 
 
 def parameter_correlation(a, b) -> float | None:
-  """Pearson correlation of two models' backbone parameters, all leaves concatenated; None when
-  their shapes differ (e.g. a single model and an ensemble)."""
+  """Pearson correlation of member 0's backbone parameters of two models (every leaf, stacked
+  over members, taken at index 0, all concatenated): the single model and member 0 of an
+  ensemble of one seed start from the same weights. None if member 0's shapes differ."""
   la, lb = jax.tree.leaves(a.variables["params"]), jax.tree.leaves(b.variables["params"])
-  if [x.shape for x in la] != [x.shape for x in lb]:
+  if [x.shape[1:] for x in la] != [x.shape[1:] for x in lb]:
     return None
-  va = np.concatenate([np.asarray(x, np.float64).ravel() for x in la])
-  vb = np.concatenate([np.asarray(x, np.float64).ravel() for x in lb])
+  va = np.concatenate([np.asarray(x[0], np.float64).ravel() for x in la])
+  vb = np.concatenate([np.asarray(x[0], np.float64).ravel() for x in lb])
   return float(np.corrcoef(va, vb)[0, 1])
 
 

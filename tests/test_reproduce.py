@@ -176,7 +176,11 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
   assert all(w.endswith("_s0") for w in cross["targets"].values())
   # Parameters: the same seed's and the other seed's run of one method are different runs.
   assert set(tr["parameter_correlation"]["across_seeds"]) == {"single", "srv_fdp"}
-  assert all(-1 <= v < 1 - 1e-6 for v in tr["parameter_correlation"]["across_seeds"].values())
+  corr = tr["parameter_correlation"]
+  assert all(-1 <= v < 1 - 1e-6 for v in corr["across_seeds"].values())
+  # One seed: the single model starts from member 0 of the ensemble's initial weights, and a few
+  # training steps keep them far closer than two seeds of one method.
+  assert corr["same_seed"]["single/srv_fdp"] > max(corr["across_seeds"].values())
   for s in ("single", "srv_fdp"):
     with np.load(runs / f"arcface_{s}_s1" / "suite_transfer" / "pgd_8.npz") as z:
       x_adv = z["x_adv"]
