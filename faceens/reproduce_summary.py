@@ -267,8 +267,8 @@ def compute_seconds(runs: list[dict]) -> dict:
   for r in runs:
     attacks = None
     if r["robustness"]:
-      attacks = float(sum(a.get("seconds", 0.0) for p in r["robustness"]["operating_points"].values()
-                          for a in p["attacks"].values()))
+      points = r["robustness"]["operating_points"].values()
+      attacks = float(sum(a.get("seconds", 0.0) for p in points for a in p["attacks"].values()))
     per_run[r["run"]] = {"train": float(r["summary"]["train_seconds"]), "robustness": attacks,
                          "resumed": bool(r["summary"].get("resumed_from"))}
   return {"per_run": per_run,

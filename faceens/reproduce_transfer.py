@@ -1,9 +1,12 @@
 """The transfer stage of ``faceens.reproduce`` (suite v2): black-box transfer between the suite's
 models on common pairs, at common operating points, with paired intervals.
 
-Sources and targets are the first training seed of every method (``Suite.seeds[0]``; AdvT's
-other margins are left out). At each operating point of the calibration (``FAR`` f: every model
-at the threshold that accepts f of random different-person pairs of the test people):
+Targets are the first training seed of every method (``Suite.seeds[0]``; AdvT's other margins
+are left out). Sources: the same models (each no target of its own examples), and, in the
+``cross_seed`` section, the second seed's finished runs, so that every source is another
+training run than every target (one seed fixes the initial weights of every method's member 0).
+At each operating point of the calibration (``FAR`` f: every model at the threshold that accepts
+f of random different-person pairs of the test people):
 
   * each source's I-FGSM examples, crafted on the suite's attack pairs until the *source* accepts
     them at its own FAR-f threshold (``RobustPlan``'s I-FGSM settings), kept in
@@ -103,7 +106,8 @@ def verdict(d: dict) -> str:
 def craft_budget(model, pairs: dict, cfg: lots.AttackConfig, plan: RobustPlan, cache: str,
                  progress: bool) -> dict:
   """Fixed-budget examples of ``model`` on ``pairs``: ``cfg`` (PGD) for all its steps (goal 0:
-  no early stop; its last iterate); independent of any threshold, so one set serves every operating point. Cached like ``craft``."""
+  no early stop; its last iterate); independent of any threshold, so one set serves every
+  operating point. Cached like ``craft``."""
   # The random starts depend on the batching (one key per batch of plan.batch_size).
   key = json.dumps({"config": dataclasses.asdict(cfg), "step": model.step,
                     "pairs": pairs["names"], "goal": 0.0, "batch_size": plan.batch_size,
@@ -173,18 +177,21 @@ def _point(sources: list, targets: list, fooled: dict, source_success: dict,
 
 def transfer_between(sources: dict, targets: dict, pairs: dict, calibration: dict, plan: RobustPlan,
                      tplan: TransferPlan, progress: bool = True,
-                     kinds: tuple[str, ...] = ("minimal", "fixed")) -> dict:
+                     kinds: tuple[str, ...] = ("minimal", "fixed"),
+                     clean: dict | None = None) -> dict:
   """Transfer from ``sources`` to ``targets`` (each ``{method: FaceModel}``; ``calibration``
   ``{workdir: run.json calibration}`` of every model). The same models on both sides (one seed):
   a model is no target of its own examples; otherwise (sources of another seed) every source
   meets every target, its own method included. ``{"operating_points", "fixed_budget"}``, the
-  first for ``"minimal"`` in ``kinds``, the second for ``"fixed"``."""
+  first for ``"minimal"`` in ``kinds``, the second for ``"fixed"``. ``clean``: a dict kept
+  across calls, of each model's target embeddings and clean distances."""
   same = all(sources.get(m) is targets[m] for m in targets) and set(sources) == set(targets)
   models = {id(m): m for m in [*sources.values(), *targets.values()]}
-  embs = {}
+  embs = {} if clean is None else clean
   for m in models.values():
-    e_tgt = m.embed(m.prepare(pairs["tgt"]))
-    embs[id(m)] = (e_tgt, np.linalg.norm(m.embed(m.prepare(pairs["src"])) - e_tgt, axis=1))
+    if id(m) not in embs:
+      e_tgt = m.embed(m.prepare(pairs["tgt"]))
+      embs[id(m)] = (e_tgt, np.linalg.norm(m.embed(m.prepare(pairs["src"])) - e_tgt, axis=1))
   fars = sorted(set.intersection(*[set(calibration[m.workdir]["operating_points"])
                                    for m in models.values()]), key=float, reverse=True)
   thr = {far: {id(m): float(calibration[m.workdir]["operating_points"][far]["threshold"])
@@ -268,7 +275,8 @@ def transfer_all(suite, models: dict, pairs: dict, calibration: dict, progress: 
   returns ``<suite.out>/transfer_v2.json``."""
   plan = SMOKE_ROBUST_PLAN if suite.smoke else RobustPlan()
   tplan = SMOKE_TRANSFER_PLAN if suite.smoke else TransferPlan()
-  same = transfer_between(models, models, pairs, calibration, plan, tplan, progress)
+  clean: dict = {}
+  same = transfer_between(models, models, pairs, calibration, plan, tplan, progress, clean=clean)
   doc = {"methods": list(models), "runs": {m: models[m].workdir for m in models},
          "attack": "ifgsm", "plan": plan.as_dict(), "pairs": pairs["names"],
          "operating_points": same["operating_points"],
@@ -292,12 +300,12 @@ def transfer_all(suite, models: dict, pairs: dict, calibration: dict, progress: 
       print(f"transfer across seeds: {len(second_seed)} sources of the second seed", flush=True)
     # The cheap fixed-budget part first, saved before the minimal examples are crafted.
     doc["cross_seed"] = transfer_between(second_seed, models, pairs, calibration, plan, tplan,
-                                         progress, kinds=("fixed",))
+                                         progress, kinds=("fixed",), clean=clean)
     doc["cross_seed"].update(source_seed=suite.seeds[1], target_seed=suite.seeds[0])
     save()
     doc["cross_seed"]["operating_points"] = transfer_between(
-        second_seed, models, pairs, calibration, plan, tplan, progress,
-        kinds=("minimal",))["operating_points"]
+        second_seed, models, pairs, calibration, plan, tplan, progress, kinds=("minimal",),
+        clean=clean)["operating_points"]
     save()
   return doc
 
