@@ -236,20 +236,16 @@ def write(out: str) -> str:
   if os.path.isfile(tpath):
     with open(tpath) as f:
       transfer = json.load(f)
-    results["transfer"] = {far: {k: v for k, v in p.items() if k != "per_pair"}
-                           for far, p in transfer["operating_points"].items()}
+    results["transfer"] = _summary_points(transfer["operating_points"])
     results["transfer_fixed_budget"] = {
-        name: {far: {k: v for k, v in p.items() if k != "per_pair"}
-               for far, p in e["operating_points"].items()}
+        name: _summary_points(e["operating_points"])
         for name, e in transfer.get("fixed_budget", {}).get("attacks", {}).items()}
     if "cross_seed" in transfer:
       c = transfer["cross_seed"]
       results["transfer_cross_seed"] = {
           "sources": c["sources"], "targets": c["targets"],
-          "minimal": {far: {k: v for k, v in p.items() if k != "per_pair"}
-                      for far, p in c.get("operating_points", {}).items()},
-          "fixed_budget": {name: {far: {k: v for k, v in p.items() if k != "per_pair"}
-                                  for far, p in e["operating_points"].items()}
+          "minimal": _summary_points(c.get("operating_points", {})),
+          "fixed_budget": {name: _summary_points(e["operating_points"])
                            for name, e in c["fixed_budget"].items()}}
   results["compute"] = compute_seconds(runs)
   with open(os.path.join(out, "results_v2.json"), "w") as f:
@@ -258,6 +254,11 @@ def write(out: str) -> str:
   with open(path, "w") as f:
     f.write(_markdown(groups, fars, results, transfer))
   return path
+
+
+def _summary_points(points: dict) -> dict:
+  """Transfer results per operating point without their per-pair verdicts."""
+  return {far: {k: v for k, v in p.items() if k != "per_pair"} for far, p in points.items()}
 
 
 def compute_seconds(runs: list[dict]) -> dict:
