@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 
 import numpy as np
 
@@ -318,20 +319,73 @@ def attack_run(model, pairs: dict, calibration_doc: dict, plan: RobustPlan, out_
   return doc
 
 
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def claim(path: str) -> bool:
+  """Takes the lock file ``path`` for this process (atomic create); False while another live
+  process holds it. A lock left by a process that is gone (same host) is taken over; one from
+  another host is respected (delete it by hand if that host's process is gone)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  me = f"{os.getpid()} {socket.gethostname()}"
+  for _ in range(2):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      try:
+        with open(path) as f:
+          pid, host = f.read().split()[:2]
+        stale = host == socket.gethostname() and not _alive(int(pid))
+      except (OSError, ValueError):
+        stale = True  # unreadable: a process died while writing it
+      if not stale:
+        return False
+      try:
+        os.remove(path)
+      except FileNotFoundError:
+        pass
+      continue
+    with os.fdopen(fd, "w") as f:
+      f.write(me + "\n")
+    return True
+  return False
+
+
 def robustness_all(suite, export_dir, trained_runs, pairs_for, calibration_for,
                    progress: bool = True) -> list[str]:
   """The stage over every finished run of ``suite`` (``trained_runs()``: their specs, asked again
-  after each run so runs finishing meanwhile are attacked too); returns the runs done."""
+  after each run so runs finishing meanwhile are attacked too); returns the runs done.
+
+  Several processes can share the queue (e.g. one per core): each claims a run with a lock file
+  (``<workdir>/suite_robustness/stage.lock``) and skips the runs other live processes hold."""
   plan = SMOKE_ROBUST_PLAN if suite.smoke else RobustPlan()
   done: list = []
+  held: list = []
   while True:
-    todo = [r for r in trained_runs() if r not in done]
+    todo = [r for r in trained_runs() if r not in done and r not in held]
     if not todo:
+      if progress and held:
+        print("robustness: left to the other processes: "
+              + ", ".join(suite.run_name(r) for r in held), flush=True)
       return [suite.run_name(r) for r in done]
     run = todo[0]
-    if progress:
-      print(f"robustness: {suite.run_name(run)}", flush=True)
-    model = api.load(suite.workdir(run))
-    attack_run(model, pairs_for(model.config), calibration_for(run), plan, export_dir(run),
-               progress=progress)
+    lock = os.path.join(suite.workdir(run), "suite_robustness", "stage.lock")
+    if not claim(lock):
+      held.append(run)
+      continue
+    try:
+      if progress:
+        print(f"robustness: {suite.run_name(run)}", flush=True)
+      model = api.load(suite.workdir(run))
+      attack_run(model, pairs_for(model.config), calibration_for(run), plan, export_dir(run),
+                 progress=progress)
+    finally:
+      os.remove(lock)
     done.append(run)

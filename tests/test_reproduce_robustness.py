@@ -170,3 +170,47 @@ def test_transfer_paired_difference_by_hand():
   assert none["difference"] is None and rt.verdict(none) == "not run"
   same = rt.paired_difference(a, a, n=100)
   assert (same["difference"], same["lo"], same["hi"]) == (0.0, 0.0, 0.0)
+
+
+def test_stage_lock_is_exclusive_and_taken_over_from_dead_processes(tmp_path):
+  import socket
+  import subprocess
+  import sys
+  lock = str(tmp_path / "w" / "suite_robustness" / "stage.lock")
+  assert rr.claim(lock)
+  assert not rr.claim(lock)  # held by this live process
+  os.remove(lock)
+  # A lock left by a process that has exited is taken over.
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  with open(lock, "w") as f:
+    f.write(f"{dead.pid} {socket.gethostname()}\n")
+  assert rr.claim(lock)
+  with open(lock) as f:
+    assert f.read().split()[0] == str(os.getpid())
+  # Another host's lock cannot be checked, so it is respected.
+  with open(lock, "w") as f:
+    f.write(f"{dead.pid} another-host-{socket.gethostname()}\n")
+  assert not rr.claim(lock)
+
+
+def test_stage_skips_runs_another_process_holds(tmp_path, capsys):
+  import socket
+  import subprocess
+  import sys
+  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    class Suite:
+      smoke = True
+      workdir = staticmethod(lambda r: str(tmp_path / r))
+      run_name = staticmethod(lambda r: r)
+    for r in ("a", "b"):
+      os.makedirs(tmp_path / r / "suite_robustness")
+      with open(tmp_path / r / "suite_robustness" / "stage.lock", "w") as f:
+        f.write(f"{holder.pid} {socket.gethostname()}\n")
+    done = rr.robustness_all(Suite, lambda r: None, lambda: ["a", "b"], None, None)
+    assert done == []
+    assert "left to the other processes: a, b" in capsys.readouterr().out
+  finally:
+    holder.kill()
+    holder.wait()
