@@ -100,6 +100,9 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
   assert most.startswith("incomplete (1 of 6 comparisons run") or most == "contradicted"
   assert v2["accuracy_vs_single"]["srv_fdp"]["verdict"] in ("no loss", "loss", "cannot tell")
   assert "## Robustness at FAR 0.01" in (out / "REPORT_v2.md").read_text()
+  assert v2["figures"] == {f: f"robustness_v2_far{f}.png" for f in ("0.1", "0.01")}
+  for name in v2["figures"].values():
+    assert (out / name).stat().st_size > 0 and f"]({name})" in (out / "REPORT_v2.md").read_text()
   # Compute: training seconds from each run's summary, attack seconds summed over its attacks.
   for m in ("single", "srv_fdp"):
     run = json.loads((out / "per_run" / f"arcface_{m}_s0" / "run.json").read_text())
