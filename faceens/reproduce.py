@@ -26,9 +26,9 @@ Stages (``--stages``, default all, in this order):
   * ``attack``: the first report's white-box LOTS attacks on every run over the same fixed different-person pairs of
     folds 6-10, black-box transfer from the single model, an adaptive attack on the ensembles
     (``faceens.reproduce_attacks``); per-run results in ``--runs/<run>/suite_attacks``.
-  * ``report``: ``REPORT.md``, figures and ``results.json`` in ``--out``
-    (``faceens.reproduce_report``, the first report's), and suite v2's ``REPORT_v2.md`` and
-    ``results_v2.json`` from ``--out/per_run`` alone (``faceens.reproduce_summary``).
+  * ``report``: suite v2's ``REPORT.md`` and ``results.json`` from ``--out/per_run`` alone
+    (``faceens.reproduce_summary``), and the first report's ``REPORT_v1.md``, figures and
+    ``results_v1.json`` (``faceens.reproduce_report``).
 
 ``--smoke`` runs the whole pipeline on two methods with tiny models and a few steps.
 """
@@ -391,7 +391,7 @@ def _define_flags():
   from absl import flags
   flags.DEFINE_string("suite", "lfw", "which comparison: " + ", ".join(SUITES))
   flags.DEFINE_string("lfw", None, "LFW folder as distributed (images/, pairs.txt)")
-  flags.DEFINE_string("out", "reports/lfw", "report folder (REPORT.md, figures, results.json)")
+  flags.DEFINE_string("out", "reports/lfw", "report folder (REPORT.md, results.json, per_run/, figures)")
   flags.DEFINE_string("runs", None, "run directories (checkpoints; default runs/<suite>_suite)")
   flags.DEFINE_string("methods", None, "comma-separated subset of: " + ", ".join(ARCFACE_METHODS))
   flags.DEFINE_string("stages", ",".join(STAGES), "comma-separated: " + ", ".join(STAGES))

@@ -1,4 +1,4 @@
-"""The report stage of ``faceens.reproduce``: ``REPORT.md``, figures and ``results.json``.
+"""The report stage of ``faceens.reproduce``: ``REPORT_v1.md``, figures and ``results_v1.json``.
 
 Everything is computed from the run directories (``summary.json``, ``suite_attacks/``) and the
 suite's transfer file, so the report can be rewritten at any time; methods not trained or
@@ -27,6 +27,12 @@ PAPER_LFW = {"single": 99.30, "baseline": 99.12, "adp": 98.90, "fdp": 99.40, "sr
              "srv_adp": 99.38, "advt": 99.21, "srv_fdp": 99.40}
 LABELS = {"single": "single", "baseline": "baseline", "adp": "ADP", "fdp": "FDP", "srv": "SRV",
           "srv_adp": "SRV+ADP", "srv_fdp": "SRV+FDP", "advt": "AdvT"}
+
+
+SUPERSEDED = ("*The first report: one training seed, each model attacked at its own threshold, "
+              "I-FGSM's L2 as the measure. Those confound its verdicts; suite v2's `REPORT.md` "
+              "replaces them and says what changed and why. Kept for the paper's fixed-distance "
+              "figures.*")
 
 
 def _load(path):
@@ -325,12 +331,12 @@ def write_report(suite) -> str:
   if transfer is not None:
     results["transfer"] = transfer
   results["provenance"] = provenance.record()
-  with open(os.path.join(suite.out, "results.json"), "w") as f:
+  with open(os.path.join(suite.out, "results_v1.json"), "w") as f:
     json.dump(results, f)
 
   md = _markdown(suite, plan, data, acc, cl, transfer, attacks, figs, floor,
                  results["paired_vs_single"])
-  path = os.path.join(suite.out, "REPORT.md")
+  path = os.path.join(suite.out, "REPORT_v1.md")
   with open(path, "w") as f:
     f.write(md)
   return path
@@ -357,7 +363,7 @@ def _markdown(suite, plan, data, acc, cl, transfer, attacks, figs, floor, paired
   attack_min = sum(a["summary"]["seconds"] for r in data.values() for a in r["attacks"].values()
                    if "derived_from" not in a["summary"]) / 60
   L += [f"# LFW reproduction of Amada et al. ({suite.loss}, {'smoke' if suite.smoke else 'full'} suite)",
-        "",
+        "", SUPERSEDED, "",
         "Command: `python -m faceens.reproduce --suite=lfw --lfw=DIR --out=reports/lfw`. "
         "Train on LFW people of folds 1-5 and people in no pair (>= 2 images), test on the "
         "3,000 pairs of official folds 6-10 (people never seen). Models: the `lfw` variant of "
@@ -460,5 +466,5 @@ def _markdown(suite, plan, data, acc, cl, transfer, attacks, figs, floor, paired
   if figs:
     L += ["", "## Figures", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in figs]
   L += ["", "Per-pair data (test distances and labels, attack L2 / success / iterations): "
-        "`results.json`.", ""]
+        "`results_v1.json`.", ""]
   return "\n".join(L)

@@ -1,4 +1,4 @@
-"""Suite v2's report: ``REPORT_v2.md`` and ``results_v2.json`` from the exported per-run results
+"""Suite v2's report: ``REPORT.md`` and ``results.json`` from the exported per-run results
 alone (``<out>/per_run/<run>/``: ``run.json``, ``test_pairs.npz``, ``robustness.json`` /
 ``.npz``), so it can be rewritten in any checkout, without the run directories.
 
@@ -210,7 +210,7 @@ def _claim_verdict(c: dict) -> str:
 
 
 def write(out: str) -> str:
-  """``REPORT_v2.md`` and ``results_v2.json`` in ``out``; returns the report's path."""
+  """``REPORT.md`` and ``results.json`` in ``out``; returns the report's path."""
   runs = load_runs(out)
   groups: dict[str, list] = {}
   for r in runs:
@@ -249,9 +249,9 @@ def write(out: str) -> str:
                            for name, e in c["fixed_budget"].items()}}
   results["compute"] = compute_seconds(runs)
   results["figures"] = robustness_figures(groups, fars, out)
-  with open(os.path.join(out, "results_v2.json"), "w") as f:
+  with open(os.path.join(out, "results.json"), "w") as f:
     json.dump(results, f)
-  path = os.path.join(out, "REPORT_v2.md")
+  path = os.path.join(out, "REPORT.md")
   with open(path, "w") as f:
     f.write(_markdown(groups, fars, results, transfer))
   return path
@@ -440,12 +440,12 @@ def _transfer_markdown(transfer: dict) -> list[str]:
 
 
 CHANGES = [
-    "## What changed from the first report (`REPORT.md`, one seed) and why", "",
+    "## What changed from the first report (`REPORT_v1.md`, one seed) and why", "",
     "- **Operating points.** The first report attacked each model at its own accuracy-optimal "
     "threshold, whose clean false-accept rate on the test impostor pairs ran from 13% to 23% and "
     "ranked the seven non-AdvT methods almost exactly as their median L2 did: the L2 gains could "
     "be threshold effects. Here every model is attacked at thresholds accepting 1e-2 and 1e-3 of "
-    "50,000 random different-person pairs of the test people (the attack pairs excluded).",
+    "200,000 random different-person pairs of the test people (the attack pairs excluded).",
     "- **Seeds.** One training seed per method before, intervals over pairs only. Here up to three "
     "seeds per method; intervals resample seeds, then pairs.",
     "- **Worst case.** I-FGSM alone before (CW needed about 0.74x its L2). Here the per-pair "
@@ -464,7 +464,7 @@ CHANGES = [
     "one seed. Here one set of common pairs, paired bootstrap intervals, fixed-budget examples, "
     "and sources from another training seed than their targets.",
     "- **AdvT** at margins 0.2, 0.6, 1.4 and 3.0 (only 0.6 before).",
-    "- **Provenance**: `results_v2.json` records per run the seed, resolved config, commit, "
+    "- **Provenance**: `results.json` records per run the seed, resolved config, commit, "
     "library versions, calibration, test-pair and member distances, pair identities, and per "
     "attack and pair L2, L_inf, success, iterations and final distance.",
     ""]
@@ -553,9 +553,9 @@ def _markdown(groups: dict, fars: list, results: dict, transfer: dict | None = N
            "only)" if cost["train_resumed_runs"] else "")
         + f", white-box attacks {cost['robustness_total'] / 3600:.1f} h for "
         f"{cost['robustness_runs']} runs; transfer crafting is not counted (per run in "
-        "`results_v2.json`, `compute`)."]
+        "`results.json`, `compute`)."]
   L += ["", "Robust accuracy under an L2 budget b: the share of pairs whose worst-case L2 exceeds "
-        "b (an example of exactly b breaks the pair). `results_v2.json` holds every run's config, provenance, "
+        "b (an example of exactly b breaks the pair). `results.json` holds every run's config, provenance, "
         "calibration, test-pair distances with labels and folds, and per attack and pair the "
         "L2, L_inf, success, iterations and final distance, and the worst case.", ""]
   return "\n".join(L)

@@ -33,12 +33,13 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
   args = ["--smoke", f"--lfw={root}", f"--out={out}", f"--runs={runs}"]
   r = _run(args, tmp_path)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-  report = (out / "REPORT.md").read_text()
+  report = (out / "REPORT_v1.md").read_text()
+  assert "suite v2's `REPORT.md` replaces them" in report
   for claim in ("SRV alone improves robustness", "SRV+FDP is the most robust",
                 "Transfer from the single model is lowest to SRV+FDP"):
     assert claim in report
   assert "not trained yet: baseline" not in report  # the smoke suite is single and SRV+FDP
-  res = json.loads((out / "results.json").read_text())
+  res = json.loads((out / "results_v1.json").read_text())
   assert set(res["methods"]) == {"single", "srv_fdp"}
   for m, entry in res["methods"].items():
     # The accuracy is recomputable from the stored per-pair distances (official folds).
@@ -91,7 +92,7 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
         np.testing.assert_array_equal(l2, z[f"{far}/worst_case_l2"])
         assert point["robust_accuracy_l2"]["2"] == np.mean(l2 > 2.0)
   # Suite v2's report, from per_run/ alone: both operating points, a verdict per claim.
-  v2 = json.loads((out / "results_v2.json").read_text())
+  v2 = json.loads((out / "results.json").read_text())
   assert set(v2["claims"]) == {"0.1", "0.01"} and set(v2["methods"]) == {"single", "srv_fdp"}
   verdicts = {c["claim"]: c["verdict"] for c in v2["claims"]["0.01"]}
   assert verdicts["SRV alone enhances robustness over the single model"] == "not run"
@@ -99,10 +100,10 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
   most = verdicts["SRV+FDP is the most robust of the ensembles (and beats the single model)"]
   assert most.startswith("incomplete (1 of 6 comparisons run") or most == "contradicted"
   assert v2["accuracy_vs_single"]["srv_fdp"]["verdict"] in ("no loss", "loss", "cannot tell")
-  assert "## Robustness at FAR 0.01" in (out / "REPORT_v2.md").read_text()
+  assert "## Robustness at FAR 0.01" in (out / "REPORT.md").read_text()
   assert v2["figures"] == {f: f"robustness_v2_far{f}.png" for f in ("0.1", "0.01")}
   for name in v2["figures"].values():
-    assert (out / name).stat().st_size > 0 and f"]({name})" in (out / "REPORT_v2.md").read_text()
+    assert (out / name).stat().st_size > 0 and f"]({name})" in (out / "REPORT.md").read_text()
   # Compute: training seconds from each run's summary, attack seconds summed over its attacks.
   for m in ("single", "srv_fdp"):
     run = json.loads((out / "per_run" / f"arcface_{m}_s0" / "run.json").read_text())
@@ -150,7 +151,7 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
       np.testing.assert_array_equal(fooled[clear], (d < thr)[clear])
       common = np.array(point["per_pair"]["common"], bool)
       assert point["transfer_rate"][s][t] == (fooled[common].mean() if common.any() else None)
-  assert "L_inf 8/255 (3 steps of 2/255)" in (out / "REPORT_v2.md").read_text()
+  assert "L_inf 8/255 (3 steps of 2/255)" in (out / "REPORT.md").read_text()
   assert os.path.isfile(out / "tau_ifgsm.png") and os.path.isfile(out / "transfer.png")
 
   # faceens.attack on an LFW run draws its pairs from the official test folds' different people.
@@ -195,7 +196,7 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
         fooled = np.array(point["per_pair"]["fooled"][s][t], bool)
         clear = np.abs(d - thr) > 1e-5
         np.testing.assert_array_equal(fooled[clear], (d < thr)[clear])
-  report = (out / "REPORT_v2.md").read_text()
+  report = (out / "REPORT.md").read_text()
   assert "### Across seeds" not in report   # the report stage did not run
 
 
