@@ -478,7 +478,10 @@ def _markdown(groups: dict, fars: list, results: dict, transfer: dict | None = N
        "statistics and margins in "
        "`faceens/reproduce_summary.py`, fixed before any result was seen: L2 margin "
        f"+-{L2_MARGIN:g}, accuracy margin {ACCURACY_MARGIN:g}. Runs so far: "
-       + ", ".join(f"{label(k)} x{len(groups[k])}" for k in keys) + ". Model size: the `lfw` "
+       + ", ".join(f"{label(k)} x{len(groups[k])}" for k in keys) + "; attacked white-box so far: "
+       + (", ".join(f"{label(k)} x{n}" for k in keys
+                    if (n := sum(bool(r["robustness"]) for r in groups[k]))) or "none")
+       + ". Model size: the `lfw` "
        "variant's MobileFaceNet at 64 px for every method; AdvT crafts its MTER examples with 3 "
        "sign steps of 3/255 inside 8/255 (the full recipe: 10 of 1/255), for this CPU's budget.",
        ""] + CHANGES + [
