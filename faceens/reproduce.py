@@ -276,8 +276,11 @@ def robustness_stage(suite: Suite, progress: bool = True) -> list[str]:
     with open(os.path.join(export_run(suite, run), "run.json")) as f:
       return json.load(f)["calibration"]
 
-  trained = lambda: [r for r in suite.runs()  # noqa: E731
-                     if is_trained(suite.workdir(r), run_config(suite, r))]
+  # The first seed's runs, AdvT margins included, come first: every claim is then judged on one
+  # seed before further seeds narrow the intervals.
+  trained = lambda: sorted((r for r in suite.runs()  # noqa: E731
+                            if is_trained(suite.workdir(r), run_config(suite, r))),
+                           key=lambda r: suite.seeds.index(r.seed))
   return reproduce_robustness.robustness_all(suite, lambda r: export_dir(suite, r), trained,
                                              pairs_for, calibration_for, progress=progress)
 

@@ -223,3 +223,19 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
   assert "unknown method 'foo'" in r.stderr and "Traceback" not in r.stderr
   r = _run([f"--lfw={root}", "--stages=train,plot"], tmp_path)
   assert "unknown stage 'plot'" in r.stderr
+
+
+def test_robustness_queue_finishes_the_first_seed_and_its_advt_margins_first(tmp_path,
+                                                                             monkeypatch):
+  from faceens import reproduce, reproduce_robustness
+  suite = reproduce.Suite("lfw", str(tmp_path), str(tmp_path / "runs"), str(tmp_path / "out"),
+                          ("single", "advt"), seeds=(2, 0), advt_margins=(1.4,))
+  unfinished = reproduce.RunSpec("single", 0)
+  monkeypatch.setattr(reproduce, "is_trained", lambda w, c: not w.endswith("single_s0"))
+  seen = {}
+  monkeypatch.setattr(reproduce_robustness, "robustness_all",
+                      lambda suite, export_dir, trained, *a, **k: seen.setdefault("q", trained()))
+  reproduce.robustness_stage(suite, progress=False)
+  R = reproduce.RunSpec
+  assert unfinished not in seen["q"]
+  assert seen["q"] == [R("single", 2), R("advt", 2), R("advt", 2, 1.4), R("advt", 0)]
