@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-from faceens import provenance, verification
+from faceens import plot, provenance, verification
 from faceens.reproduce_robustness import L2_RTOL, robust_accuracy_l2, worst_case_l2
 
 L2_MARGIN = 0.02          # L2 in [0, 1] pixels at 64x64x3 (one sign step of 1/255 moves 0.43)
@@ -273,7 +273,6 @@ def robustness_figures(groups: dict, fars: list, out: str) -> dict:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  from faceens import plot
   written = {}
   grid = np.linspace(0.0, 2.0, 201)
   for far in fars:
