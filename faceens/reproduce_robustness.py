@@ -42,9 +42,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
+import time
 
 import numpy as np
+
+try:
+  import fcntl
+except ImportError:  # Windows: no flock; one process per stage
+  fcntl = None
 
 from faceens import api, attack
 from faceens.attacks import lots
@@ -319,67 +324,54 @@ def attack_run(model, pairs: dict, calibration_doc: dict, plan: RobustPlan, out_
   return doc
 
 
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
-def claim(path: str) -> bool:
-  """Takes the lock file ``path`` for this process (atomic create); False while another live
-  process holds it. A lock left by a process that is gone (same host) is taken over; one from
-  another host is respected (delete it by hand if that host's process is gone)."""
+def claim(path: str) -> int | None:
+  """An exclusive, non-blocking ``flock`` on the file ``path`` (created if missing, never
+  deleted): the open descriptor while this process holds it (``os.close`` releases it), None
+  while another process does. The kernel releases the lock when its process exits, however it
+  exits, so a crashed stage leaves nothing to clean up. (Across hosts it needs a file system
+  whose ``flock`` is shared, e.g. local disks or NFSv4; without ``fcntl``, on Windows, it never
+  refuses: run one process per stage there.)"""
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  me = f"{os.getpid()} {socket.gethostname()}"
-  for _ in range(2):
-    try:
-      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-      try:
-        with open(path) as f:
-          pid, host = f.read().split()[:2]
-        stale = host == socket.gethostname() and not _alive(int(pid))
-      except (OSError, ValueError):
-        stale = True  # unreadable: a process died while writing it
-      if not stale:
-        return False
-      try:
-        os.remove(path)
-      except FileNotFoundError:
-        pass
-      continue
-    with os.fdopen(fd, "w") as f:
-      f.write(me + "\n")
-    return True
-  return False
+  fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+  if fcntl is None:
+    return fd
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    os.close(fd)
+    return None
+  return fd
 
 
 def robustness_all(suite, export_dir, trained_runs, pairs_for, calibration_for,
-                   progress: bool = True) -> list[str]:
+                   progress: bool = True, poll_seconds: float = 60.0) -> list[str]:
   """The stage over every finished run of ``suite`` (``trained_runs()``: their specs, asked again
-  after each run so runs finishing meanwhile are attacked too); returns the runs done.
+  after each run so runs finishing meanwhile are attacked too); returns the runs this process
+  attacked (or found done).
 
-  Several processes can share the queue (e.g. one per core): each claims a run with a lock file
-  (``<workdir>/suite_robustness/stage.lock``) and skips the runs other live processes hold."""
+  Several processes can share the queue (one per core, each ``--stages=robustness``): each
+  takes a run under a lock (``<workdir>/suite_robustness/stage.lock``) and passes over the runs
+  others hold; when only those are left it waits for them (``poll_seconds``), so the stage ends
+  in every process only when every run is done, and a run whose process died is taken over."""
   plan = SMOKE_ROBUST_PLAN if suite.smoke else RobustPlan()
   done: list = []
-  held: list = []
+  waiting = False
   while True:
-    todo = [r for r in trained_runs() if r not in done and r not in held]
+    todo = [r for r in trained_runs() if r not in done]
     if not todo:
-      if progress and held:
-        print("robustness: left to the other processes: "
-              + ", ".join(suite.run_name(r) for r in held), flush=True)
       return [suite.run_name(r) for r in done]
-    run = todo[0]
-    lock = os.path.join(suite.workdir(run), "suite_robustness", "stage.lock")
-    if not claim(lock):
-      held.append(run)
+    for run in todo:
+      fd = claim(os.path.join(suite.workdir(run), "suite_robustness", "stage.lock"))
+      if fd is not None:
+        break
+    else:
+      if progress and not waiting:
+        print("robustness: waiting for the other processes on "
+              + ", ".join(suite.run_name(r) for r in todo), flush=True)
+      waiting = True
+      time.sleep(poll_seconds)
       continue
+    waiting = False
     try:
       if progress:
         print(f"robustness: {suite.run_name(run)}", flush=True)
@@ -387,5 +379,5 @@ def robustness_all(suite, export_dir, trained_runs, pairs_for, calibration_for,
       attack_run(model, pairs_for(model.config), calibration_for(run), plan, export_dir(run),
                  progress=progress)
     finally:
-      os.remove(lock)
+      os.close(fd)
     done.append(run)

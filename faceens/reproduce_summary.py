@@ -25,7 +25,8 @@ import os
 import numpy as np
 
 from faceens import plot, provenance, verification
-from faceens.reproduce_robustness import L2_RTOL, robust_accuracy_l2, worst_case_l2
+from faceens.reproduce_robustness import (L2_RTOL, RobustPlan, robust_accuracy_l2,
+                                          worst_case_l2)
 
 L2_MARGIN = 0.02          # L2 in [0, 1] pixels at 64x64x3 (one sign step of 1/255 moves 0.43)
 ACCURACY_MARGIN = 0.01    # one percentage point
@@ -438,39 +439,65 @@ def _transfer_markdown(transfer: dict) -> list[str]:
   return L
 
 
-CHANGES = [
-    "## What changed from the first report (`REPORT_v1.md`, one seed) and why", "",
-    "- **Operating points.** The first report attacked each model at its own accuracy-optimal "
-    "threshold, whose clean false-accept rate on the test impostor pairs ran from 13% to 23% and "
-    "ranked the seven non-AdvT methods almost exactly as their median L2 did: the L2 gains could "
-    "be threshold effects. Here every model is attacked at thresholds accepting 1e-2 and 1e-3 of "
-    "200,000 random different-person pairs of the test people (the attack pairs excluded).",
-    "- **Seeds.** One training seed per method before, intervals over pairs only. Here up to three "
-    "seeds per method; intervals resample seeds, then pairs.",
-    "- **Worst case.** I-FGSM alone before (CW needed about 0.74x its L2). Here the per-pair "
-    "smallest L2 over I-FGSM, CW (run until 30 iterations bring no smaller L2), BIM and PGD with 5 "
-    "random restarts; `ifgsm:members` (an over-constrained objective) is a diagnostic only.",
-    "- **Fixed budgets.** BIM's epsilon never bound before (it was I-FGSM). Here BIM's epsilon "
-    "binds, and robust accuracy is reported under L2 and L_inf budgets, with fixed-budget PGD as "
-    "a gradient-masking check.",
-    "- **Verdicts.** \"Does not improve\" held before whenever the interval was not above 0, so "
-    "non-significance counted as support and significant harm was hidden. Here: more robust / "
-    "less robust / equivalent within a margin fixed in advance / cannot tell; \"most robust\" "
-    "against the ensembles and against AdvT separately.",
-    "- **Pre-accepted pairs** were dropped per model before (medians over different pairs); here "
-    "they count as broken at L2 0, so every median is over the same 200 pairs.",
-    "- **Transfer**: per-target denominators and no intervals before, and all models came from "
-    "one seed. Here one set of common pairs, paired bootstrap intervals, fixed-budget examples, "
-    "and sources from another training seed than their targets.",
-    "- **AdvT** at margins 0.2, 0.6, 1.4 and 3.0 (only 0.6 before).",
-    "- **Provenance**: `results.json` records per run the seed, resolved config, commit, "
-    "library versions, calibration, test-pair and member distances, pair identities, and per "
-    "attack and pair L2, L_inf, success, iterations and final distance.",
-    ""]
+def _stored_plan(groups: dict) -> tuple[dict, dict, int]:
+  """The attack plan, calibration key and attack-pair count stored with the runs (the first
+  attacked run's: a change of plan reruns every run, so they agree)."""
+  runs = [r for rs in groups.values() for r in rs]
+  attacked = [r for r in runs if r["robustness"]]
+  plan = attacked[0]["robustness"]["key"]["plan"] if attacked else RobustPlan().as_dict()
+  pairs = attacked[0]["robustness"]["pairs"] if attacked else "the attack"
+  return plan, runs[0]["calibration"]["key"], pairs
+
+
+def changes(groups: dict) -> list[str]:
+  """What changed from the first report and why, with the numbers of the plan the runs used."""
+  plan, cal, pairs = _stored_plan(groups)
+  fars = " and ".join(f"{f:g}" for f in cal["fars"])
+  margins = sorted({r["config"]["advt"]["margin"] for k, rs in groups.items()
+                    if k.startswith("advt") for r in rs})
+  restarts = plan["pgd_restarts"]
+  return [
+      "## What changed from the first report (`REPORT_v1.md`, one seed) and why", "",
+      "- **Operating points.** The first report attacked each model at its own accuracy-optimal "
+      "threshold, whose clean false-accept rate on the test impostor pairs ran from 13% to 23% "
+      "and ranked the seven non-AdvT methods almost exactly as their median L2 did: the L2 gains "
+      f"could be threshold effects. Here every model is attacked at thresholds accepting {fars} "
+      f"of {cal['n_impostor']:,} random different-person pairs of the test people (the attack "
+      "pairs excluded).",
+      "- **Seeds.** One training seed per method before, intervals over pairs only. Here up to "
+      f"{max(len(rs) for rs in groups.values())} seeds per method so far; intervals resample "
+      "seeds, then pairs.",
+      "- **Worst case.** I-FGSM alone before (CW needed about 0.74x its L2). Here the per-pair "
+      f"smallest L2 over I-FGSM, CW (run until {plan['cw_patience']} iterations bring no "
+      f"smaller L2, at most {plan['cw_max_iters']}), BIM and PGD with {restarts} random "
+      "restarts; `ifgsm:members` (an over-constrained objective) is a diagnostic only.",
+      "- **Fixed budgets.** BIM's epsilon never bound before (it was I-FGSM). Here BIM's epsilon "
+      "binds, and robust accuracy is reported under L2 and L_inf budgets, with fixed-budget PGD "
+      "as a gradient-masking check.",
+      "- **Verdicts.** \"Does not improve\" held before whenever the interval was not above 0, "
+      "so non-significance counted as support and significant harm was hidden. Here: more robust "
+      "/ less robust / equivalent within a margin fixed in advance / cannot tell; \"most "
+      "robust\" against the ensembles and against AdvT separately.",
+      "- **Pre-accepted pairs** were dropped per model before (medians over different pairs); "
+      f"here they count as broken at L2 0, so every median is over the same {pairs} pairs.",
+      "- **Transfer**: per-target denominators and no intervals before, and all models came from "
+      "one seed. Here one set of common pairs, paired bootstrap intervals, fixed-budget "
+      "examples, and sources from another training seed than their targets.",
+      ("- **AdvT** at margin" + ("s " if len(margins) > 1 else " ")
+       + ", ".join(f"{m:g}" for m in margins) + " so far (only 0.6 before)." if margins else
+       "- **AdvT**: not trained yet (the first report: margin 0.6 only)."),
+      "- **Provenance**: `results.json` records per run the seed, resolved config, commit, "
+      "library versions, calibration, test-pair and member distances, pair identities, and per "
+      "attack and pair L2, L_inf, success, iterations and final distance.",
+      ""]
 
 
 def _markdown(groups: dict, fars: list, results: dict, transfer: dict | None = None) -> str:
   keys = ordered(groups)
+  adv = next((r["config"]["advt"] for k in keys if k.startswith("advt") for r in groups[k]), None)
+  plan, _, pairs = _stored_plan(groups)
+  linf = ", ".join(f"{b * 255:g}" for b in plan["pgd_budgets"])
+  l2 = ", ".join(f"{b:g}" for b in plan["pgd_l2_budgets"])
   L = ["# LFW: the paper's comparison, suite v2 (in progress)", "",
        "Generated by `python -m faceens.reproduce --suite=lfw --lfw=DIR --out=reports/lfw` "
        "(stages train, export, robustness, transfer) from `per_run/` and `transfer_v2.json`; "
@@ -480,10 +507,11 @@ def _markdown(groups: dict, fars: list, results: dict, transfer: dict | None = N
        + ", ".join(f"{label(k)} x{len(groups[k])}" for k in keys) + "; attacked white-box so far: "
        + (", ".join(f"{label(k)} x{n}" for k in keys
                     if (n := sum(bool(r["robustness"]) for r in groups[k]))) or "none")
-       + ". Model size: the `lfw` "
-       "variant's MobileFaceNet at 64 px for every method; AdvT crafts its MTER examples with 3 "
-       "sign steps of 3/255 inside 8/255 (the full recipe: 10 of 1/255), for this CPU's budget.",
-       ""] + CHANGES + [
+       + ". Model size: the `lfw` variant's MobileFaceNet at 64 px for every method."
+       + (f" AdvT crafts its MTER examples with {adv['iters']} sign steps of "
+          f"{adv['step_size'] * 255:.3g}/255 inside {adv['epsilon'] * 255:.3g}/255 (the full "
+          "recipe: 10 of 1/255), for this CPU's budget." if adv else ""),
+       ""] + changes(groups) + [
        "## Clean accuracy (LFW folds 6-10, 3,000 pairs, InsightFace protocol) and operating points",
        "", "| method | seeds | accuracy per seed | own threshold's FAR | threshold at FAR 1e-2 / 1e-3 |",
        "| --- | --- | --- | --- | --- |"]
@@ -501,8 +529,9 @@ def _markdown(groups: dict, fars: list, results: dict, transfer: dict | None = N
   for far in fars:
     L += ["", f"## Robustness at FAR {far} (threshold accepting {float(far):.1%} of random "
           "different-person pairs of the test people)", "",
-          "Worst case over I-FGSM, CW, BIM and PGD (L_inf 1, 2, 4/255 and L2 0.5, 1, 5 random "
-          "restarts each) per pair; median over the 200 attack pairs, per seed. Robust accuracy: "
+          f"Worst case over I-FGSM, CW, BIM and PGD (L_inf {linf}/255 and L2 {l2}, "
+          f"{plan['pgd_restarts']} random restarts each) per pair; median over the {pairs} "
+          "attack pairs, per seed. Robust accuracy: "
           "share of the pairs still rejected. Masking check: pairs fixed-budget L2 PGD breaks "
           "within 0.5 / 1 where the minimal-norm attacks (I-FGSM, CW, BIM) found no example "
           "that small (0 expected). `ifgsm:members` (the first report's attack on every member "

@@ -101,6 +101,10 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
   assert most.startswith("incomplete (1 of 6 comparisons run") or most == "contradicted"
   assert v2["accuracy_vs_single"]["srv_fdp"]["verdict"] in ("no loss", "loss", "cannot tell")
   assert "## Robustness at FAR 0.01" in (out / "REPORT.md").read_text()
+  # The "what changed" section quotes the plan the runs used (the smoke plan here).
+  from faceens.reproduce_robustness import SMOKE_ROBUST_PLAN
+  assert (f"BIM and PGD with {SMOKE_ROBUST_PLAN.pgd_restarts} random restarts"
+          in (out / "REPORT.md").read_text())
   assert v2["figures"] == {f: f"robustness_v2_far{f}.png" for f in ("0.1", "0.01")}
   for name in v2["figures"].values():
     assert (out / name).stat().st_size > 0 and f"]({name})" in (out / "REPORT.md").read_text()

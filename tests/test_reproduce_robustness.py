@@ -172,45 +172,92 @@ def test_transfer_paired_difference_by_hand():
   assert (same["difference"], same["lo"], same["hi"]) == (0.0, 0.0, 0.0)
 
 
-def test_stage_lock_is_exclusive_and_taken_over_from_dead_processes(tmp_path):
-  import socket
+HOLD = """
+import fcntl, os, sys, time
+fds = [os.open(p, os.O_CREAT | os.O_RDWR) for p in sys.argv[2:]]
+for fd in fds:
+  fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(float(sys.argv[1]))
+"""
+
+
+def _hold(seconds, *paths):
+  """A separate process holding ``paths``' locks for ``seconds``, started once it holds them."""
   import subprocess
   import sys
+  for p in paths:
+    os.makedirs(os.path.dirname(p), exist_ok=True)
+  proc = subprocess.Popen([sys.executable, "-c", HOLD, str(seconds), *map(str, paths)],
+                          stdout=subprocess.PIPE, text=True)
+  assert proc.stdout.readline().strip() == "held"
+  return proc
+
+
+def test_stage_lock_is_exclusive_and_dies_with_its_process(tmp_path):
   lock = str(tmp_path / "w" / "suite_robustness" / "stage.lock")
-  assert rr.claim(lock)
-  assert not rr.claim(lock)  # held by this live process
-  os.remove(lock)
-  # A lock left by a process that has exited is taken over.
-  dead = subprocess.Popen([sys.executable, "-c", "pass"])
-  dead.wait()
-  with open(lock, "w") as f:
-    f.write(f"{dead.pid} {socket.gethostname()}\n")
-  assert rr.claim(lock)
-  with open(lock) as f:
-    assert f.read().split()[0] == str(os.getpid())
-  # Another host's lock cannot be checked, so it is respected.
-  with open(lock, "w") as f:
-    f.write(f"{dead.pid} another-host-{socket.gethostname()}\n")
-  assert not rr.claim(lock)
-
-
-def test_stage_skips_runs_another_process_holds(tmp_path, capsys):
-  import socket
-  import subprocess
-  import sys
-  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  fd = rr.claim(lock)
+  assert fd is not None
+  assert rr.claim(lock) is None  # a second open file of this process: refused too
+  os.close(fd)
+  fd = rr.claim(lock)
+  assert fd is not None
+  os.close(fd)
+  holder = _hold(60, lock)
   try:
-    class Suite:
-      smoke = True
-      workdir = staticmethod(lambda r: str(tmp_path / r))
-      run_name = staticmethod(lambda r: r)
-    for r in ("a", "b"):
-      os.makedirs(tmp_path / r / "suite_robustness")
-      with open(tmp_path / r / "suite_robustness" / "stage.lock", "w") as f:
-        f.write(f"{holder.pid} {socket.gethostname()}\n")
-    done = rr.robustness_all(Suite, lambda r: None, lambda: ["a", "b"], None, None)
-    assert done == []
-    assert "left to the other processes: a, b" in capsys.readouterr().out
+    assert rr.claim(lock) is None
   finally:
-    holder.kill()
+    holder.kill()  # no clean-up of its own: the kernel drops the lock with the process
     holder.wait()
+  fd = rr.claim(lock)
+  assert fd is not None
+  os.close(fd)
+
+
+class _Suite:
+  smoke = True
+
+  def __init__(self, root):
+    self.workdir = lambda r: str(root / r)
+    self.run_name = lambda r: r
+
+
+def test_stage_takes_free_runs_first_then_waits_for_held_ones(tmp_path, monkeypatch, capsys):
+  suite = _Suite(tmp_path)
+  locks = {r: tmp_path / r / "suite_robustness" / "stage.lock" for r in ("a", "b")}
+  attacked = []
+
+  class Model:
+    config = None
+
+  def fake_attack(model, pairs, calibration, plan, out, progress):
+    # The lock is held while the run is attacked (probed from another process's view: a new
+    # open file description of this process is refused like another process would be).
+    assert rr.claim(str(locks[out])) is None
+    attacked.append(out)
+  monkeypatch.setattr(rr.api, "load", lambda w: Model())
+  monkeypatch.setattr(rr, "attack_run", fake_attack)
+  holder = _hold(3.0, locks["a"])
+  done = rr.robustness_all(suite, lambda r: r, lambda: ["a", "b"], lambda c: None,
+                           lambda r: None, poll_seconds=0.2)
+  holder.wait()
+  assert attacked == ["b", "a"] and done == ["b", "a"]
+  assert "waiting for the other processes on a" in capsys.readouterr().out
+  for p in locks.values():  # released
+    fd = rr.claim(str(p))
+    assert fd is not None
+    os.close(fd)
+
+
+def test_stage_releases_the_lock_when_an_attack_fails(tmp_path, monkeypatch):
+  import pytest
+  suite = _Suite(tmp_path)
+
+  def fail(*a, **k):
+    raise RuntimeError("attack failed")
+  monkeypatch.setattr(rr.api, "load", fail)
+  with pytest.raises(RuntimeError, match="attack failed"):
+    rr.robustness_all(suite, lambda r: r, lambda: ["a"], None, None)
+  fd = rr.claim(str(tmp_path / "a" / "suite_robustness" / "stage.lock"))
+  assert fd is not None
+  os.close(fd)
