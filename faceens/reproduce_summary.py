@@ -449,9 +449,9 @@ def _stored_plan(groups: dict) -> tuple[dict, dict, int]:
   return plan, runs[0]["calibration"]["key"], pairs
 
 
-def changes(groups: dict) -> list[str]:
-  """What changed from the first report and why, with the numbers of the plan the runs used."""
-  plan, cal, pairs = _stored_plan(groups)
+def changes(groups: dict, plan: dict, cal: dict, pairs) -> list[str]:
+  """What changed from the first report and why, with the numbers of the plan the runs used
+  (``_stored_plan``)."""
   fars = " and ".join(f"{f:g}" for f in cal["fars"])
   margins = sorted({r["config"]["advt"]["margin"] for k, rs in groups.items()
                     if k.startswith("advt") for r in rs})
@@ -495,7 +495,7 @@ def changes(groups: dict) -> list[str]:
 def _markdown(groups: dict, fars: list, results: dict, transfer: dict | None = None) -> str:
   keys = ordered(groups)
   adv = next((r["config"]["advt"] for k in keys if k.startswith("advt") for r in groups[k]), None)
-  plan, _, pairs = _stored_plan(groups)
+  plan, cal, pairs = _stored_plan(groups)
   linf = ", ".join(f"{b * 255:g}" for b in plan["pgd_budgets"])
   l2 = ", ".join(f"{b:g}" for b in plan["pgd_l2_budgets"])
   L = ["# LFW: the paper's comparison, suite v2 (in progress)", "",
@@ -511,7 +511,7 @@ def _markdown(groups: dict, fars: list, results: dict, transfer: dict | None = N
        + (f" AdvT crafts its MTER examples with {adv['iters']} sign steps of "
           f"{adv['step_size'] * 255:.3g}/255 inside {adv['epsilon'] * 255:.3g}/255 (the full "
           "recipe: 10 of 1/255), for this CPU's budget." if adv else ""),
-       ""] + changes(groups) + [
+       ""] + changes(groups, plan, cal, pairs) + [
        "## Clean accuracy (LFW folds 6-10, 3,000 pairs, InsightFace protocol) and operating points",
        "", "| method | seeds | accuracy per seed | own threshold's FAR | threshold at FAR 1e-2 / 1e-3 |",
        "| --- | --- | --- | --- | --- |"]
