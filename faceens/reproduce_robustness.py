@@ -29,6 +29,14 @@ starts) breaks inside it while the minimal-norm attacks found no example of L2 <
 attacks minimise L2, so a count above 0 means they missed easier examples (e.g. gradient masking
 that random starts get around); the worst case includes PGD's examples either way.
 
+``ifgsm:members`` (the first report's attack: I-FGSM on ``sum_k ||f_k(x) - t_k||^2``, every
+member feature pulled to the target's at once, success judged on the ensemble embedding) runs
+on ensembles of ``diagnostic_seeds`` at ``diagnostic_far`` as a diagnostic beside the worst case
+(``diagnostics`` in the summary, with its median L2 ratio to ``ifgsm`` on the pairs both broke):
+an over-constrained objective, weaker by construction, so never part of the worst case.
+Every attack records the code commit that computed it (``computed_with``; ``None`` for results
+computed before commits were kept) and ``robustness.json`` the process that wrote it.
+
 Results go to ``<out>/per_run/<run>/robustness.json`` (summary, curves) and
 ``robustness.npz`` (per-pair arrays), so they outlive the run directories. Each attack's result
 is also kept as it finishes in ``<workdir>/suite_robustness/`` (keyed by its settings, the
@@ -51,7 +59,7 @@ try:
 except ImportError:  # Windows: no flock; one process per stage
   fcntl = None
 
-from faceens import api, attack
+from faceens import api, attack, provenance
 from faceens.attacks import lots
 from faceens.models import ensemble
 
@@ -76,6 +84,15 @@ class RobustPlan:
   linf_budgets: tuple[float, ...] = (0.5 / 255, 1.0 / 255, 2.0 / 255, 4.0 / 255, 8.0 / 255)
   chunk: int = 8
   batch_size: int = 256
+  # The first report's ``ifgsm:members`` (every member feature pulled at once): a diagnostic
+  # beside the worst case, never part of it; on ensembles of these seeds at this operating point.
+  diagnostic_far: float = 0.01
+  diagnostic_seeds: tuple[int, ...] = (0,)
+
+  def diagnostics(self) -> dict[str, lots.AttackConfig]:
+    return {"ifgsm:members": lots.AttackConfig(method="ifgsm", objective="members",
+                                               step_size=self.step_size,
+                                               max_iters=self.max_iters).validate()}
 
   def configs(self) -> dict[str, lots.AttackConfig]:
     out = {"ifgsm": lots.AttackConfig(method="ifgsm", step_size=self.step_size,
@@ -98,7 +115,8 @@ class RobustPlan:
 
 SMOKE_ROBUST_PLAN = RobustPlan(step_size=2.0 / 255, max_iters=12, cw_max_iters=12, cw_patience=3,
                                bim_max_iters=6, pgd_budgets=(4.0 / 255,), pgd_restarts=2,
-                               pgd_steps=4, pgd_l2_budgets=(1.0,), chunk=4, batch_size=16)
+                               pgd_steps=4, pgd_l2_budgets=(1.0,), chunk=4, batch_size=16,
+                               diagnostic_far=0.1)
 
 FIELDS = ("l2", "linf", "success", "iterations", "distance")
 # Relative slack on L2 budgets: an example projected onto the ball of radius b measures b up to
@@ -181,7 +199,7 @@ def _previous_results(out_dir: str, n: int):
 
   def lookup(far, name, cfg, plan, step, pairs, goal):
     point = doc.get("operating_points", {}).get(far, {})
-    entry = point.get("attacks", {}).get(name)
+    entry = point.get("attacks", {}).get(name) or point.get("diagnostics", {}).get(name)
     old_plan = key.get("plan", {})
     if entry is None or key.get("step") != step or key.get("pairs") != pairs:
       return None
@@ -196,7 +214,10 @@ def _previous_results(out_dir: str, n: int):
       return None
     if any(len(v) != n for v in full.values()):
       return None
-    return full | {"seconds": float(entry.get("seconds", 0.0))}
+    # (no None into the cache's npz: it would need pickling to load)
+    commit = entry.get("computed_with")
+    return full | {"seconds": float(entry.get("seconds", 0.0))} | (
+        {"computed_with": commit} if commit else {})
   return lookup
 
 
@@ -244,60 +265,76 @@ def attack_run(model, pairs: dict, calibration_doc: dict, plan: RobustPlan, out_
     if done.get("key") == json.loads(json.dumps(key)):
       return done
   x_src, x_tgt = model.prepare(pairs["src"]), model.prepare(pairs["tgt"])
-  emb_t = ensemble.ensemble_embedding(model.member_features(x_tgt))
+  feats_t = model.member_features(x_tgt)
+  emb_t = ensemble.ensemble_embedding(feats_t)
   d0 = np.linalg.norm(model.embed(x_src) - emb_t, axis=1)
   n = len(x_src)
   previous = _previous_results(out_dir, n)
   cache_dir = os.path.join(model.workdir, "suite_robustness")
   pair_names = json.loads(json.dumps(pairs["names"]))
   arrays, summary = {"clean_distance": d0}, {}
+  commit = provenance.git_commit()
+  diagnose = model.num_members > 1 and model.config.seed in plan.diagnostic_seeds
   for far, point in calibration_doc["operating_points"].items():
     goal = float(point["threshold"])
     pre = d0 < goal
     todo = np.flatnonzero(~pre)
+    summary[far] = {"threshold": goal, "pre_accepted": int(pre.sum()), "attacked": int(len(todo)),
+                    "attacks": {}}
     per_attack = {}
-    for name, cfg in plan.configs().items():
+    runs = list(plan.configs().items())
+    if diagnose and float(far) == plan.diagnostic_far:
+      runs += list(plan.diagnostics().items())
+      summary[far]["diagnostics"] = {}
+    for name, cfg in runs:
       desc = f"{model.config.method} FAR {far} {name}"
 
       def compute(name=name, cfg=cfg, desc=desc):
         old = previous(far, name, cfg, plan, model.step, pair_names, goal)
         if old is not None:
           return old
+        targets = feats_t[:, todo] if cfg.objective == "members" else emb_t[todo]
         if not len(todo):
           r = {"l2": np.zeros(0), "linf": np.zeros(0), "success": np.zeros(0, bool),
                "iterations": np.zeros(0, np.int64), "distance": np.zeros(0), "seconds": 0.0}
         elif name.startswith("pgd"):
-          r = _pgd(model, x_src[todo], emb_t[todo], goal, cfg, plan, progress, desc)
+          r = _pgd(model, x_src[todo], targets, goal, cfg, plan, progress, desc)
         else:
-          r = _one_attack(model, x_src[todo], emb_t[todo], goal, cfg, plan, seed=0,
+          r = _one_attack(model, x_src[todo], targets, goal, cfg, plan, seed=0,
                           progress=progress, desc=desc)
         full = {"l2": np.full(n, np.nan), "linf": np.full(n, np.nan),
                 "success": np.zeros(n, bool), "iterations": np.zeros(n, np.int64),
                 "distance": d0.copy()}
         for k in full:
           full[k][todo] = r[k]
-        return full | {"seconds": r["seconds"]}
+        return full | {"seconds": r["seconds"], "computed_with": commit or "unknown"}
 
-      full = _cached(cache_dir, f"{far}_{name}",
+      full = _cached(cache_dir, f"{far}_{name.replace(':', '_')}",
                      _attack_key(cfg, plan, name, model.step, pair_names, goal), compute)
       seconds = full.pop("seconds")
-      per_attack[name] = full
+      # The code commit that computed it; None for results computed before commits were kept.
+      computed_with = full.pop("computed_with", None)
       for k, v in full.items():
         arrays[f"{far}/{name}/{k}"] = v
       ok = full["success"][todo]
-      summary.setdefault(far, {"threshold": goal, "pre_accepted": int(pre.sum()),
-                               "attacked": int(len(todo)), "attacks": {}})
-      summary[far]["attacks"][name] = {
+      entry = {
           "config": dataclasses.asdict(cfg), "success_rate": float(ok.mean()) if len(todo) else None,
           "l2_median": float(np.median(full["l2"][todo][ok])) if ok.any() else None,
           "iterations_median": float(np.median(full["iterations"][todo])) if len(todo) else None,
           "hit_cap": int(np.sum(full["iterations"][todo] >= cfg.max_iters * (
               plan.pgd_restarts if name.startswith("pgd") else 1))),
-          "seconds": seconds}
+          "seconds": seconds, "computed_with": computed_with}
+      if name in plan.diagnostics():
+        both = ok & per_attack["ifgsm"]["success"][todo]
+        entry["l2_ratio_to_ifgsm_median"] = (float(np.median(
+            full["l2"][todo][both] / per_attack["ifgsm"]["l2"][todo][both])) if both.any() else None)
+        summary[far]["diagnostics"][name] = entry
+      else:
+        per_attack[name] = full
+        summary[far]["attacks"][name] = entry
       if progress:
-        s = summary[far]["attacks"][name]
-        print(f"  FAR {far} {name}: success {s['success_rate']}, median L2 {s['l2_median']}, "
-              f"{s['seconds']:.0f} s", flush=True)
+        print(f"  FAR {far} {name}: success {entry['success_rate']}, median L2 "
+              f"{entry['l2_median']}, {seconds:.0f} s", flush=True)
     worst = worst_case_l2(per_attack, pre)
     arrays[f"{far}/worst_case_l2"] = worst
     arrays[f"{far}/pre_accepted"] = pre
@@ -317,7 +354,8 @@ def attack_run(model, pairs: dict, calibration_doc: dict, plan: RobustPlan, out_
   tmp = os.path.join(out_dir, "robustness.tmp.npz")
   np.savez_compressed(tmp, **arrays)
   os.replace(tmp, os.path.join(out_dir, "robustness.npz"))
-  doc = {"key": key, "pairs": int(n), "operating_points": summary}
+  doc = {"key": key, "pairs": int(n), "operating_points": summary,
+         "written_with": provenance.record()}
   with open(path + ".tmp", "w") as f:
     json.dump(doc, f, indent=2)
   os.replace(path + ".tmp", path)

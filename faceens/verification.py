@@ -99,6 +99,44 @@ def kfold_accuracy(dist, issame, thresholds=None, nfolds: int = 10, folds=None):
   return float(np.mean(accs)), float(np.std(accs)), float(np.mean(best))
 
 
+def kfold_accuracy_resampled(dist, issame, folds, counts, thresholds=None) -> np.ndarray:
+  """``kfold_accuracy(...)[0]`` of many resamples of the pairs at once: ``counts`` ``[B, P]``
+  (or ``[P]``) says how often each pair occurs in each resample (a bootstrap draw as counts);
+  ``folds`` a fold id per pair, and every resample must keep at least one pair in every fold.
+  The same arithmetic as ``kfold_accuracy`` on the repeated pairs (integer counts of correct
+  decisions per fold and threshold, the smallest best threshold), as one matrix product per
+  fold instead of one pass per resample. Returns ``[B]`` accuracies."""
+  dist, issame = _check(dist, issame)
+  counts = np.asarray(counts)
+  if counts.ndim == 1:
+    counts = counts[None]
+  if counts.ndim != 2 or counts.shape[1] != len(dist):
+    raise ValueError(f"counts {counts.shape} must be [resamples, {len(dist)} pairs]")
+  if counts.dtype.kind not in "iu" or (counts < 0).any():
+    raise ValueError("counts must be non-negative integers (occurrences of each pair)")
+  ids = np.asarray(folds)
+  if ids.shape != dist.shape:
+    raise ValueError(f"folds {ids.shape} must give one fold id per pair {dist.shape}")
+  groups = [np.flatnonzero(ids == f) for f in np.unique(ids)]
+  if len(groups) < 2:
+    raise ValueError("explicit folds need at least 2 distinct fold ids")
+  thresholds = THRESHOLDS if thresholds is None else np.asarray(thresholds, np.float64)
+  correct = ((dist[:, None] < thresholds[None, :]) == issame[:, None]).astype(np.float64)  # [P, T]
+  # Integer-valued float64 sums (exact below 2**53): correct decisions per resample, fold, threshold.
+  hits = np.stack([counts[:, g].astype(np.float64) @ correct[g] for g in groups], 1)  # [B, F, T]
+  sizes = np.stack([counts[:, g].sum(1) for g in groups], 1)                         # [B, F]
+  if (sizes == 0).any():
+    raise ValueError("a resample leaves a fold empty: resample within each fold")
+  total, n = hits.sum(1), sizes.sum(1)
+  rows = np.arange(len(counts))
+  accs = []
+  for f in range(len(groups)):
+    train = (total - hits[:, f]) / (n - sizes[:, f])[:, None]
+    best = np.argmax(train, axis=1)
+    accs.append(hits[rows, f, best] / sizes[:, f])
+  return np.mean(np.stack(accs, 1), axis=1)
+
+
 def roc(dist, issame):
   """``(fpr, tpr, thresholds)`` of "same when distance <= threshold" (scikit-learn)."""
   from sklearn.metrics import roc_curve

@@ -91,6 +91,13 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
         l2 = np.where(z[f"{far}/pre_accepted"], 0.0, l2)
         np.testing.assert_array_equal(l2, z[f"{far}/worst_case_l2"])
         assert point["robust_accuracy_l2"]["2"] == np.mean(l2 > 2.0)
+        # ifgsm:members: a diagnostic on the ensemble's first seed at the plan's diagnostic
+        # operating point, beside (not in) the worst case; every attack names its commit.
+        diag = point.get("diagnostics", {})
+        assert set(diag) == ({"ifgsm:members"} if m == "srv_fdp" and far == "0.1" else set())
+        for a in (*point["attacks"].values(), *diag.values()):
+          assert a["computed_with"]
+    assert rob["written_with"]["jax"] and "commit" in rob["written_with"]
   # Suite v2's report, from per_run/ alone: both operating points, a verdict per claim.
   v2 = json.loads((out / "results.json").read_text())
   assert set(v2["claims"]) == {"0.1", "0.01"} and set(v2["methods"]) == {"single", "srv_fdp"}
@@ -114,8 +121,9 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
     rob = json.loads((out / "per_run" / f"arcface_{m}_s0" / "robustness.json").read_text())
     cost = v2["compute"]["per_run"][f"arcface_{m}_s0"]
     assert cost["train"] == run["summary"]["train_seconds"] > 0
-    assert np.isclose(cost["robustness"], sum(a["seconds"] for p in rob["operating_points"].values()
-                                              for a in p["attacks"].values()), rtol=1e-12)
+    assert np.isclose(cost["robustness"], sum(
+        a["seconds"] for p in rob["operating_points"].values()
+        for a in (*p["attacks"].values(), *p.get("diagnostics", {}).values())), rtol=1e-12)
   assert v2["compute"]["robustness_runs"] == 2
   assert res["transfer"] is not None and set(res["transfer"]["targets"]) == {"srv_fdp"}
   # Suite v2's transfer: both directions on the pairs neither model accepts clean; each rate is

@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+import pytest
 
 from faceens import reproduce_robustness as rr
 
@@ -55,19 +56,39 @@ def test_hierarchical_bootstrap_by_hand():
   b = np.array([[0.0, 1.0, 2.0, 3.0, 4.0]])
   # A = B + 1 on every pair: every resample of the shared pairs differs by exactly 1.
   d = rs.robustness_difference(b + 1.0, b, n=200)
-  assert (d["difference"], d["lo"], d["hi"]) == (1.0, 1.0, 1.0)
+  assert (d["difference"], d["lo"], d["hi"], d["per_seed"]) == (1.0, 1.0, 1.0, [1.0])
   assert rs.robustness_verdict(d) == "more robust"
   d = rs.robustness_difference(b, b, n=200)
   assert (d["lo"], d["hi"]) == (0.0, 0.0) and rs.robustness_verdict(d).startswith("equivalent")
-  # Two seeds of A at 1 and 3 against one of B at 2: the mean matches (difference 0), but
-  # resampling A's seeds gives -1, 0 or +1: seed variance makes it "cannot tell".
+  # Seeds 1 and 3 of A against 2 and 2 of B: the means match (difference 0), but resampling the
+  # seeds jointly gives -1, 0 or +1: seed variance makes it "cannot tell".
   a = np.array([[1.0] * 5, [3.0] * 5])
-  d = rs.robustness_difference(a, np.full((1, 5), 2.0), n=400)
+  d = rs.robustness_difference(a, np.full((2, 5), 2.0), n=400)
   assert d["difference"] == 0.0 and (d["lo"], d["hi"]) == (-1.0, 1.0)
-  assert rs.robustness_verdict(d) == "cannot tell"
-  # Infinite worst cases (no attack succeeded) are robust beyond any finite one.
+  assert d["per_seed"] == [-1.0, 1.0] and rs.robustness_verdict(d) == "cannot tell"
+  # Paired seeds: B trails A by 0.1 on each seed although the seeds differ by 2, so every joint
+  # resample differs by 0.1 (unpaired resampling would range from -1.9 to +2.1).
+  d = rs.robustness_difference(a, a - 0.1, n=400)
+  np.testing.assert_allclose([d["difference"], d["lo"], d["hi"]], 0.1, rtol=1e-12)
+  assert rs.robustness_verdict(d) == "more robust"
+  # Infinite worst cases (no attack succeeded) are robust beyond any finite one; two unbroken
+  # medians give an undefined difference, on which no verdict rests.
   inf = np.array([[np.inf] * 5])
   assert rs.robustness_verdict(rs.robustness_difference(inf, b, n=100)) == "more robust"
+  d = rs.robustness_difference(inf, inf, n=100)
+  assert np.isnan([d["difference"], d["lo"], d["hi"]]).all()
+  assert rs.robustness_verdict(d) == "cannot tell" and "undefined" in rs._fmt(d)
+  with pytest.raises(ValueError, match="same seeds"):
+    rs.robustness_difference(a, b)
+
+
+def test_comparisons_pair_the_seeds_both_methods_have():
+  from faceens import reproduce_summary as rs
+  a = [{"seed": s, "run": f"a{s}"} for s in (2, 0, 1)]
+  b = [{"seed": s, "run": f"b{s}"} for s in (1, 0)]
+  ra, rb, seeds = rs.common_seeds(a, b)
+  assert seeds == [0, 1] and [r["run"] for r in ra] == ["a0", "a1"]
+  assert [r["run"] for r in rb] == ["b0", "b1"]
 
 
 def test_accuracy_difference_matches_the_protocol():
@@ -77,14 +98,28 @@ def test_accuracy_difference_matches_the_protocol():
   issame = np.tile([True, False], 50)
   fold = np.repeat(np.arange(1, 6), 20)
 
-  def run(sep):
+  def run(name, seed, sep):
     d = np.where(issame, rng.uniform(0.0, 1.0, 100), rng.uniform(1.0 - sep, 2.0, 100))
-    return {"test_pairs": {"insightface": d, "issame": issame.astype(int), "fold": fold}}
-  a, b = [run(0.0)], [run(0.6), run(0.6)]
-  d = rs.accuracy_difference(a, b, n=50)
+    return {"run": name, "seed": seed,
+            "test_pairs": {"insightface": d, "issame": issame.astype(int), "fold": fold}}
+  a, b = [run("a0", 0, 0.0), run("a1", 1, 0.0)], [run("b0", 0, 0.6), run("b1", 1, 0.6)]
+  boot = rs.bootstrap_accuracies(a + b, n=50)
+  d = rs.accuracy_difference([boot["a0"], boot["a1"]], [boot["b0"], boot["b1"]])
   acc = lambda r: verification.kfold_accuracy(r["test_pairs"]["insightface"], issame, folds=fold)[0]  # noqa: E731
-  assert np.isclose(d["difference"], acc(a[0]) - np.mean([acc(r) for r in b]))
-  assert d["lo"] <= d["difference"] <= d["hi"] and d["seeds"] == [1, 2]
+  want = [acc(x) - acc(y) for x, y in zip(a, b)]
+  np.testing.assert_allclose(d["per_seed"], want, rtol=1e-12)
+  np.testing.assert_allclose(d["difference"], np.mean(want), rtol=1e-12)
+  assert d["lo"] <= d["difference"] <= d["hi"]
+  # Each resample is the protocol on the resampled pairs (checked against kfold_accuracy).
+  counts = rs._fold_resamples(fold, 3, seed=0)
+  for c, got in zip(counts, boot["a0"][1][:3]):
+    idx = np.repeat(np.arange(100), c)
+    assert np.isclose(got, verification.kfold_accuracy(
+        a[0]["test_pairs"]["insightface"][idx], issame[idx], folds=fold[idx])[0], rtol=1e-12)
+  other = run("c0", 0, 0.0)
+  other["test_pairs"]["fold"] = np.roll(fold, 1)
+  with pytest.raises(ValueError, match="c0: its test pairs differ"):
+    rs.bootstrap_accuracies([a[0], other], n=5)
 
 
 def test_claim_verdicts_need_every_comparison():
@@ -112,8 +147,8 @@ def test_attack_results_are_cached_resumed_and_reused(run_dir, tmp_path, monkeyp
   d0 = np.linalg.norm(model.embed(xs) - model.embed(xt), axis=1)
   pairs = {"src": xs, "tgt": xt, "names": [["a", "b"], ["c", "d"], ["e", "f"]]}
   cal = {"operating_points": {"0.1": {"threshold": float(0.8 * d0.max())}}}
-  base = rr.SMOKE_ROBUST_PLAN
-  plan = rr.RobustPlan(**{**rr.dataclasses.asdict(base), "pgd_l2_budgets": ()})
+  base = rr.dataclasses.replace(rr.SMOKE_ROBUST_PLAN, diagnostic_seeds=())  # (smoke test's)
+  plan = rr.dataclasses.replace(base, pgd_l2_budgets=())
   calls = []
   real = rr._one_attack
 
@@ -144,7 +179,8 @@ def test_attack_results_are_cached_resumed_and_reused(run_dir, tmp_path, monkeyp
   second = rr.attack_run(model, pairs, cal, base, str(out), progress=False)
   assert len(calls) == base.pgd_restarts and all("pgd_l2_1" in c for c in calls)
   for name, entry in first["operating_points"]["0.1"]["attacks"].items():
-    assert second["operating_points"]["0.1"]["attacks"][name] == entry
+    assert second["operating_points"]["0.1"]["attacks"][name] == entry   # commit included
+    assert entry["computed_with"]
   assert set(second["operating_points"]["0.1"]["pgd_l2_breaks_missed_by_minimal_norm"]) == {"1"}
   # Done with the same plan: nothing runs at all.
   calls.clear()
@@ -164,6 +200,8 @@ def test_transfer_paired_difference_by_hand():
   assert -1.0 <= d["lo"] <= d["difference"] <= d["hi"] <= 0.0
   assert rt.verdict({"difference": -0.5, "lo": -0.9, "hi": -0.1, "sources": 2, "pairs": 4}) == \
       "resists transfer better"
+  same = rt.paired_difference(a, a, n=50)
+  assert (same["lo"], same["hi"]) == (0.0, 0.0) and rt.verdict(same) == "no difference on any pair"
   assert rt.verdict({"difference": 0.0, "lo": -0.2, "hi": 0.2, "sources": 2, "pairs": 4}) == \
       "cannot tell"
   none = rt.paired_difference(np.zeros((0, 4), bool), np.zeros((0, 4), bool))

@@ -154,3 +154,28 @@ def test_impostor_pairs_are_distinct_different_people_and_exclude():
   with pytest.raises(ValueError, match="have 16"):
     calibration.impostor_pairs(labels, 17, exclude=exclude)
   np.testing.assert_array_equal(p, calibration.impostor_pairs(labels, 10, seed=3, exclude=exclude))
+
+
+def test_resampled_accuracy_equals_the_protocol_on_repeated_pairs():
+  # Each resample given as counts must give what kfold_accuracy gives on the pairs repeated:
+  # both count correct decisions as integers and divide by the same integer sizes.
+  e1, e2, issame = _synthetic(240, seed=5)
+  dist = verification.distances(e1, e2, "squared_l2")
+  folds = np.repeat(np.arange(1, 7), 40)
+  rng = np.random.default_rng(0)
+  groups = [np.flatnonzero(folds == f) for f in np.unique(folds)]
+  idx = [np.concatenate([rng.choice(g, len(g)) for g in groups]) for _ in range(6)]
+  counts = np.stack([np.bincount(i, minlength=len(dist)) for i in idx])
+  got = verification.kfold_accuracy_resampled(dist, issame, folds, counts)
+  want = [verification.kfold_accuracy(dist[i], issame[i], folds=folds[i])[0] for i in idx]
+  # A mean of 6 ratios of the same integers in the same order: equal up to the last bit or two.
+  np.testing.assert_allclose(got, want, rtol=4 * np.finfo(float).eps, atol=0)
+  # Counts of one everywhere is the protocol on the pairs themselves.
+  ones = np.ones(len(dist), np.int64)
+  np.testing.assert_allclose(verification.kfold_accuracy_resampled(dist, issame, folds, ones),
+                             [verification.kfold_accuracy(dist, issame, folds=folds)[0]],
+                             rtol=4 * np.finfo(float).eps, atol=0)
+  with pytest.raises(ValueError, match="leaves a fold empty"):
+    verification.kfold_accuracy_resampled(dist, issame, folds, np.where(folds == 1, 0, 1))
+  with pytest.raises(ValueError, match="non-negative integers"):
+    verification.kfold_accuracy_resampled(dist, issame, folds, ones * 0.5)
