@@ -547,6 +547,12 @@ def changes(groups: dict, plan: dict, cal: dict, pairs) -> list[str]:
   margins = sorted({r["config"]["advt"]["margin"] for k, rs in groups.items()
                     if k.startswith("advt") for r in rs})
   restarts = plan["pgd_restarts"]
+  runs = [r for rs in groups.values() for r in rs]
+  untracked = sorted(r["run"] for r in runs if not r.get("trained_with"))
+  unknown = sum(1 for r in runs if r["robustness"]
+                for p in r["robustness"]["operating_points"].values()
+                for a in (*p["attacks"].values(), *p.get("diagnostics", {}).values())
+                if not a.get("computed_with"))
   return [
       "## What changed from the first report (`REPORT_v1.md`, one seed) and why", "",
       "- **Operating points.** The first report attacked each model at its own accuracy-optimal "
@@ -587,7 +593,13 @@ def changes(groups: dict, plan: dict, cal: dict, pairs) -> list[str]:
        "- **AdvT**: not trained yet (the first report: margin 0.6 only)."),
       "- **Provenance**: `results.json` records per run the seed, resolved config, commit, "
       "library versions, calibration, test-pair and member distances, pair identities, and per "
-      "attack and pair L2, L_inf, success, iterations and final distance.",
+      "attack and pair L2, L_inf, success, iterations and final distance; per attack the commit "
+      "that computed it (`computed_with`). A commit ending `+dirty` ran with uncommitted changes "
+      "to tracked files." + (
+          f" Not recorded: the training commit (`trained_with`) of {', '.join(untracked)}, "
+          "trained before the training stage recorded it." if untracked else "") + (
+          f" {unknown} attacks were computed before attacks recorded their commit "
+          "(`computed_with` null)." if unknown else ""),
       ""]
 
 
