@@ -108,6 +108,8 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
   assert most.startswith("incomplete (1 of 6 comparisons run") or most == "contradicted"
   assert v2["accuracy_vs_single"]["srv_fdp"]["verdict"] in ("no loss", "loss", "cannot tell")
   assert "## Robustness at FAR 0.01" in (out / "REPORT.md").read_text()
+  # Every run attacked: the title no longer says the suite is in progress.
+  assert (out / "REPORT.md").read_text().splitlines()[0] == "# LFW: the paper's comparison, suite v2"
   # The "what changed" section quotes the plan the runs used (the smoke plan here).
   from faceens.reproduce_robustness import SMOKE_ROBUST_PLAN
   assert (f"BIM and PGD with {SMOKE_ROBUST_PLAN.pgd_restarts} random restarts"
