@@ -67,6 +67,17 @@ def accuracy_at(threshold: float, dist: np.ndarray, issame: np.ndarray) -> float
   return float(np.mean(predict == issame))
 
 
+def _fold_groups(folds, dist) -> list[np.ndarray]:
+  """The pair indices of each explicit fold id (sorted ids), checked against ``dist``."""
+  ids = np.asarray(folds)
+  if ids.shape != dist.shape:
+    raise ValueError(f"folds {ids.shape} must give one fold id per pair {dist.shape}")
+  groups = [np.flatnonzero(ids == f) for f in np.unique(ids)]
+  if len(groups) < 2:
+    raise ValueError("explicit folds need at least 2 distinct fold ids")
+  return groups
+
+
 def kfold_accuracy(dist, issame, thresholds=None, nfolds: int = 10, folds=None):
   """Returns ``(accuracy_mean, accuracy_std, best_threshold_mean)`` over ``nfolds`` folds.
 
@@ -80,12 +91,7 @@ def kfold_accuracy(dist, issame, thresholds=None, nfolds: int = 10, folds=None):
       raise ValueError(f"{len(dist)} pairs is fewer than {nfolds} folds")
     folds = np.array_split(np.arange(len(dist)), nfolds)  # sklearn KFold(shuffle=False) sizes
   else:
-    ids = np.asarray(folds)
-    if ids.shape != dist.shape:
-      raise ValueError(f"folds {ids.shape} must give one fold id per pair {dist.shape}")
-    folds = [np.flatnonzero(ids == f) for f in np.unique(ids)]
-    if len(folds) < 2:
-      raise ValueError("explicit folds need at least 2 distinct fold ids")
+    folds = _fold_groups(folds, dist)
   thresholds = THRESHOLDS if thresholds is None else np.asarray(thresholds, np.float64)
   correct = (dist[None, :] < thresholds[:, None]) == issame[None, :]   # [T, P]
   total = correct.sum(axis=1)
@@ -114,12 +120,7 @@ def kfold_accuracy_resampled(dist, issame, folds, counts, thresholds=None) -> np
     raise ValueError(f"counts {counts.shape} must be [resamples, {len(dist)} pairs]")
   if counts.dtype.kind not in "iu" or (counts < 0).any():
     raise ValueError("counts must be non-negative integers (occurrences of each pair)")
-  ids = np.asarray(folds)
-  if ids.shape != dist.shape:
-    raise ValueError(f"folds {ids.shape} must give one fold id per pair {dist.shape}")
-  groups = [np.flatnonzero(ids == f) for f in np.unique(ids)]
-  if len(groups) < 2:
-    raise ValueError("explicit folds need at least 2 distinct fold ids")
+  groups = _fold_groups(folds, dist)
   thresholds = THRESHOLDS if thresholds is None else np.asarray(thresholds, np.float64)
   correct = ((dist[:, None] < thresholds[None, :]) == issame[:, None]).astype(np.float64)  # [P, T]
   # Integer-valued float64 sums (exact below 2**53): correct decisions per resample, fold, threshold.
