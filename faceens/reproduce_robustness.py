@@ -29,11 +29,14 @@ starts) breaks inside it while the minimal-norm attacks found no example of L2 <
 attacks minimise L2, so a count above 0 means they missed easier examples (e.g. gradient masking
 that random starts get around); the worst case includes PGD's examples either way.
 
+Diagnostics run on ensembles of ``diagnostic_seeds`` at ``diagnostic_far``, beside the worst
+case and never part of it (``diagnostics`` in the summary, each against an attack of the plan:
+the median L2 ratio on the pairs both broke, and the pairs where it found a smaller example):
 ``ifgsm:members`` (the first report's attack: I-FGSM on ``sum_k ||f_k(x) - t_k||^2``, every
-member feature pulled to the target's at once, success judged on the ensemble embedding) runs
-on ensembles of ``diagnostic_seeds`` at ``diagnostic_far`` as a diagnostic beside the worst case
-(``diagnostics`` in the summary, with its median L2 ratio to ``ifgsm`` on the pairs both broke):
-an over-constrained objective, weaker by construction, so never part of the worst case.
+member feature pulled to the target's at once, success judged on the ensemble embedding), an
+over-constrained objective, weaker by construction, against ``ifgsm``; and
+``cw:patience<cw_check_patience>``, CW waiting 5x longer for an improvement, against ``cw``:
+whether CW's stopping rule left smaller examples unfound.
 Every attack records the code commit that computed it (``computed_with``; ``None`` for results
 computed before commits were kept) and ``robustness.json`` the process that wrote it.
 
@@ -88,11 +91,19 @@ class RobustPlan:
   # beside the worst case, never part of it; on ensembles of these seeds at this operating point.
   diagnostic_far: float = 0.01
   diagnostic_seeds: tuple[int, ...] = (0,)
+  # CW's stopping rule checked: the same CW with this patience (name "cw:patience<n>").
+  cw_check_patience: int = 150
 
-  def diagnostics(self) -> dict[str, lots.AttackConfig]:
-    return {"ifgsm:members": lots.AttackConfig(method="ifgsm", objective="members",
-                                               step_size=self.step_size,
-                                               max_iters=self.max_iters).validate()}
+  def diagnostics(self) -> dict[str, tuple[lots.AttackConfig, str]]:
+    """``{name: (config, the attack of the plan it is compared with)}``."""
+    return {
+        "ifgsm:members": (lots.AttackConfig(method="ifgsm", objective="members",
+                                            step_size=self.step_size,
+                                            max_iters=self.max_iters).validate(), "ifgsm"),
+        f"cw:patience{self.cw_check_patience}": (
+            lots.AttackConfig(method="cw", cw_lr=self.cw_lr, cw_c=self.cw_c,
+                              cw_patience=self.cw_check_patience,
+                              max_iters=self.cw_max_iters).validate(), "cw")}
 
   def configs(self) -> dict[str, lots.AttackConfig]:
     out = {"ifgsm": lots.AttackConfig(method="ifgsm", step_size=self.step_size,
@@ -116,7 +127,7 @@ class RobustPlan:
 SMOKE_ROBUST_PLAN = RobustPlan(step_size=2.0 / 255, max_iters=12, cw_max_iters=12, cw_patience=3,
                                bim_max_iters=6, pgd_budgets=(4.0 / 255,), pgd_restarts=2,
                                pgd_steps=4, pgd_l2_budgets=(1.0,), chunk=4, batch_size=16,
-                               diagnostic_far=0.1)
+                               diagnostic_far=0.1, cw_check_patience=6)
 
 FIELDS = ("l2", "linf", "success", "iterations", "distance")
 # Relative slack on L2 budgets: an example projected onto the ball of radius b measures b up to
@@ -252,6 +263,20 @@ def _missed(per_attack: dict, pre, budgets, pgd_name, norm: str) -> dict:
   return out
 
 
+def _against(diag: dict, per_attack: dict, todo, reference: str) -> dict:
+  """A diagnostic against the plan's ``reference`` attack on the attacked pairs: the median L2
+  ratio over the pairs both broke, and the pairs where the diagnostic found a smaller example
+  than the reference (by more than ``L2_RTOL``) or the only one."""
+  ref = per_attack[reference]
+  ok, ref_ok = diag["success"][todo], ref["success"][todo]
+  both = ok & ref_ok
+  l2, ref_l2 = diag["l2"][todo], ref["l2"][todo]
+  smaller = ok & (~ref_ok | (l2 < ref_l2 * (1 - L2_RTOL)))
+  return {"reference": reference,
+          "l2_ratio_median": float(np.median(l2[both] / ref_l2[both])) if both.any() else None,
+          "smaller_than_reference": int(smaller.sum())}
+
+
 def attack_run(model, pairs: dict, calibration_doc: dict, plan: RobustPlan, out_dir: str,
                progress: bool = True) -> dict:
   """The stage on one run (see the module docstring); reused when done with the same plan."""
@@ -284,7 +309,7 @@ def attack_run(model, pairs: dict, calibration_doc: dict, plan: RobustPlan, out_
     per_attack = {}
     runs = list(plan.configs().items())
     if diagnose and float(far) == plan.diagnostic_far:
-      runs += list(plan.diagnostics().items())
+      runs += [(name, cfg) for name, (cfg, _) in plan.diagnostics().items()]
       summary[far]["diagnostics"] = {}
     for name, cfg in runs:
       desc = f"{model.config.method} FAR {far} {name}"
@@ -325,10 +350,8 @@ def attack_run(model, pairs: dict, calibration_doc: dict, plan: RobustPlan, out_
               plan.pgd_restarts if name.startswith("pgd") else 1))),
           "seconds": seconds, "computed_with": computed_with}
       if name in plan.diagnostics():
-        both = ok & per_attack["ifgsm"]["success"][todo]
-        entry["l2_ratio_to_ifgsm_median"] = (float(np.median(
-            full["l2"][todo][both] / per_attack["ifgsm"]["l2"][todo][both])) if both.any() else None)
-        summary[far]["diagnostics"][name] = entry
+        summary[far]["diagnostics"][name] = entry | _against(full, per_attack, todo,
+                                                             plan.diagnostics()[name][1])
       else:
         per_attack[name] = full
         summary[far]["attacks"][name] = entry

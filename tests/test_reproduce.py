@@ -94,7 +94,15 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
         # ifgsm:members: a diagnostic on the ensemble's first seed at the plan's diagnostic
         # operating point, beside (not in) the worst case; every attack names its commit.
         diag = point.get("diagnostics", {})
-        assert set(diag) == ({"ifgsm:members"} if m == "srv_fdp" and far == "0.1" else set())
+        assert set(diag) == ({"ifgsm:members", "cw:patience6"} if m == "srv_fdp" and far == "0.1"
+                             else set())
+        for name, d in diag.items():
+          # "smaller": pairs only the diagnostic broke, or broke with a smaller example.
+          ok, ref_ok = z[f"{far}/{name}/success"], z[f"{far}/{d['reference']}/success"]
+          with np.errstate(invalid="ignore"):
+            smaller = ok & (~ref_ok | (z[f"{far}/{name}/l2"] < z[f"{far}/{d['reference']}/l2"]
+                                       * (1 - 1e-5)))
+          assert d["smaller_than_reference"] == smaller.sum()
         for a in (*point["attacks"].values(), *diag.values()):
           assert a["computed_with"]
     assert rob["written_with"]["jax"] and "commit" in rob["written_with"]
