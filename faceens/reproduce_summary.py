@@ -271,6 +271,9 @@ def _claim_verdict(c: dict) -> str:
 def write(out: str) -> str:
   """``REPORT.md`` and ``results.json`` in ``out``; returns the report's path."""
   runs = load_runs(out)
+  if not runs:
+    raise FileNotFoundError(f"no exported run under {os.path.join(out, 'per_run')} (each needs "
+                            "run.json and test_pairs.npz): run the export stage first")
   groups: dict[str, list] = {}
   for r in runs:
     groups.setdefault(method_key(r), []).append(r)

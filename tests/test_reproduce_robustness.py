@@ -299,3 +299,9 @@ def test_stage_releases_the_lock_when_an_attack_fails(tmp_path, monkeypatch):
   fd = rr.claim(str(tmp_path / "a" / "suite_robustness" / "stage.lock"))
   assert fd is not None
   os.close(fd)
+
+
+def test_report_without_exported_runs_says_what_is_missing(tmp_path):
+  from faceens import reproduce_summary as rs
+  with pytest.raises(FileNotFoundError, match="no exported run under .*per_run.*export stage"):
+    rs.write(str(tmp_path))
