@@ -37,7 +37,8 @@ member feature pulled to the target's at once, success judged on the ensemble em
 over-constrained objective, weaker by construction, against ``ifgsm``; and
 ``cw:patience<cw_check_patience>``, CW waiting 5x longer for an improvement, against ``cw``:
 whether CW's stopping rule left smaller examples unfound.
-Every attack records the code commit that computed it (``computed_with``; ``None`` for results
+Every attack records the code commit that computed it (``computed_with``: the commit of the
+process's checkout when it started, ``unknown`` outside a git checkout, ``None`` for results
 computed before commits were kept) and ``robustness.json`` the process that wrote it.
 
 Results go to ``<out>/per_run/<run>/robustness.json`` (summary, curves) and
@@ -278,8 +279,10 @@ def _against(diag: dict, per_attack: dict, todo, reference: str) -> dict:
 
 
 def attack_run(model, pairs: dict, calibration_doc: dict, plan: RobustPlan, out_dir: str,
-               progress: bool = True) -> dict:
-  """The stage on one run (see the module docstring); reused when done with the same plan."""
+               progress: bool = True, code: dict | None = None) -> dict:
+  """The stage on one run (see the module docstring); reused when done with the same plan.
+  ``code``: ``provenance.record()`` taken when the process started (its commit is the code it
+  loaded; the checkout may have moved on since), recorded with every attack it computes."""
   path = os.path.join(out_dir, "robustness.json")
   key = {"plan": plan.as_dict(), "step": model.step, "pairs": pairs["names"],
          "operating_points": {f: p["threshold"]
@@ -298,7 +301,8 @@ def attack_run(model, pairs: dict, calibration_doc: dict, plan: RobustPlan, out_
   cache_dir = os.path.join(model.workdir, "suite_robustness")
   pair_names = json.loads(json.dumps(pairs["names"]))
   arrays, summary = {"clean_distance": d0}, {}
-  commit = provenance.git_commit()
+  code = code or provenance.record()
+  commit = code["commit"] or "unknown"
   diagnose = model.num_members > 1 and model.config.seed in plan.diagnostic_seeds
   for far, point in calibration_doc["operating_points"].items():
     goal = float(point["threshold"])
@@ -332,7 +336,7 @@ def attack_run(model, pairs: dict, calibration_doc: dict, plan: RobustPlan, out_
                 "distance": d0.copy()}
         for k in full:
           full[k][todo] = r[k]
-        return full | {"seconds": r["seconds"], "computed_with": commit or "unknown"}
+        return full | {"seconds": r["seconds"], "computed_with": commit}
 
       full = _cached(cache_dir, f"{far}_{name.replace(':', '_')}",
                      _attack_key(cfg, plan, name, model.step, pair_names, goal), compute)
@@ -378,7 +382,7 @@ def attack_run(model, pairs: dict, calibration_doc: dict, plan: RobustPlan, out_
   np.savez_compressed(tmp, **arrays)
   os.replace(tmp, os.path.join(out_dir, "robustness.npz"))
   doc = {"key": key, "pairs": int(n), "operating_points": summary,
-         "written_with": provenance.record()}
+         "written_with": code}
   with open(path + ".tmp", "w") as f:
     json.dump(doc, f, indent=2)
   os.replace(path + ".tmp", path)
@@ -415,6 +419,7 @@ def robustness_all(suite, export_dir, trained_runs, pairs_for, calibration_for,
   others hold; when only those are left it waits for them (``poll_seconds``), so the stage ends
   in every process only when every run is done, and a run whose process died is taken over."""
   plan = SMOKE_ROBUST_PLAN if suite.smoke else RobustPlan()
+  code = provenance.record()   # the code this process loaded, whatever the checkout does later
   done: list = []
   waiting = False
   while True:
@@ -438,7 +443,7 @@ def robustness_all(suite, export_dir, trained_runs, pairs_for, calibration_for,
         print(f"robustness: {suite.run_name(run)}", flush=True)
       model = api.load(suite.workdir(run))
       attack_run(model, pairs_for(model.config), calibration_for(run), plan, export_dir(run),
-                 progress=progress)
+                 progress=progress, code=code)
     finally:
       os.close(fd)
     done.append(run)

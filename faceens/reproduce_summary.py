@@ -157,7 +157,7 @@ def bootstrap_accuracies(runs: list[dict], n: int = ACC_BOOTSTRAP, seed: int = 0
   return out
 
 
-def accuracy_difference(a: list, b: list, n: int | None = None, seed: int = 0) -> dict:
+def accuracy_difference(a: list, b: list, seed: int = 0) -> dict:
   """``a``, ``b``: per seed (same seeds, same order), ``(accuracy, [B] resampled accuracies)``
   from ``bootstrap_accuracies``. Mean accuracy of A minus B, with the hierarchical bootstrap:
   seeds resampled jointly, then the shared test-pair resamples."""
@@ -533,12 +533,20 @@ def _transfer_markdown(transfer: dict) -> list[str]:
   return L
 
 
+def _worst_case_plan(plan: dict) -> dict:
+  """The settings of a stored plan that the worst case depends on (not the diagnostics')."""
+  return {k: v for k, v in plan.items() if not k.startswith(("diagnostic", "cw_check"))}
+
+
 def _stored_plan(groups: dict) -> tuple[dict, dict, int]:
-  """The attack plan, calibration key and attack-pair count stored with the runs (the first
-  attacked run's: a change of plan reruns every run, so they agree)."""
+  """The attack plan, calibration key and attack-pair count stored with the runs: the plan most
+  attacked runs have (a change of plan reruns every run, so they agree once the stage is done;
+  ``_markdown`` names the runs whose worst case came from another)."""
   runs = [r for rs in groups.values() for r in rs]
   attacked = [r for r in runs if r["robustness"]]
-  plan = attacked[0]["robustness"]["key"]["plan"] if attacked else RobustPlan().as_dict()
+  plans = [r["robustness"]["key"]["plan"] for r in attacked]
+  plan = (max(plans, key=lambda p: sum(_worst_case_plan(q) == _worst_case_plan(p) for q in plans))
+          if plans else RobustPlan().as_dict())
   pairs = attacked[0]["robustness"]["pairs"] if attacked else "the attack"
   return plan, runs[0]["calibration"]["key"], pairs
 
@@ -555,7 +563,7 @@ def changes(groups: dict, plan: dict, cal: dict, pairs) -> list[str]:
   unknown = sum(1 for r in runs if r["robustness"]
                 for p in r["robustness"]["operating_points"].values()
                 for a in (*p["attacks"].values(), *p.get("diagnostics", {}).values())
-                if not a.get("computed_with"))
+                if a.get("computed_with") in (None, "unknown"))
   return [
       "## What changed from the first report (`REPORT_v1.md`, one seed) and why", "",
       "- **Operating points.** The first report attacked each model at its own accuracy-optimal "
@@ -601,12 +609,12 @@ def changes(groups: dict, plan: dict, cal: dict, pairs) -> list[str]:
       "to tracked files." + (
           f" Not recorded: the training commit (`trained_with`) of {', '.join(untracked)}, "
           "trained before the training stage recorded it." if untracked else "") + (
-          f" {unknown} attacks were computed before attacks recorded their commit "
-          "(`computed_with` null)." if unknown else ""),
+          f" {unknown} attacks have no commit: computed before attacks recorded it "
+          "(`computed_with` null) or outside a git checkout (`unknown`)." if unknown else ""),
       ""]
 
 
-def _masking_note(groups: dict, far: str, pairs) -> list[str]:
+def _masking_note(groups: dict, far: str, pairs, budgets) -> list[str]:
   """What the L2 masking check's counts above 0 mean, with their largest value."""
   counts = [v for rs in groups.values() for r in rs if r["robustness"]
             for v in r["robustness"]["operating_points"][far].get(
@@ -619,8 +627,9 @@ def _masking_note(groups: dict, far: str, pairs) -> list[str]:
   return ["", f"Masking check: counts above 0 in {runs} runs, at most {max(counts)} of {pairs} "
           "pairs at a budget: on those pairs I-FGSM, CW and BIM missed an example that "
           "fixed-budget L2 PGD found. The worst case takes PGD's examples, so the medians and "
-          "the robust accuracy at L2 0.5 and 1 count them; between and beyond those budgets the "
-          "L2 curve may be slightly optimistic on such pairs."]
+          f"the robust accuracy at L2 {' and '.join(f'{b:g}' for b in budgets)} count them; "
+          "between and beyond those budgets the L2 curve may be slightly optimistic on such "
+          "pairs."]
 
 
 def _diagnostic_table(groups: dict, far: str) -> list[str]:
@@ -631,6 +640,8 @@ def _diagnostic_table(groups: dict, far: str) -> list[str]:
     for r in groups[k]:
       point = (r["robustness"] or {}).get("operating_points", {}).get(far, {})
       for name, d in point.get("diagnostics", {}).items():
+        if "reference" not in d:   # written by an earlier version: rewritten on the next pass
+          continue
         ref = point["attacks"][d["reference"]]
         rows.append(f"| {label(k)} (seed {r['seed']}) | `{name}` vs `{d['reference']}` | "
                     f"{f(d['success_rate'], '%.2f')} / {f(ref['success_rate'], '%.2f')} | "
@@ -649,15 +660,40 @@ def _diagnostic_table(groups: dict, far: str) -> list[str]:
           "| --- | --- | --- | --- | --- | --- |"] + rows
 
 
+def _reading(results: dict, fars: list) -> str:
+  """How to read a robustness verdict, with the interval widths and seed counts of this report."""
+  comps = [x for far in fars for c in results["claims"][far] for x in c["comparisons"]]
+  widths = [x["hi"] - x["lo"] for x in comps if np.isfinite(x["hi"] - x["lo"])]
+  seeds = max((len(x["seeds"]) for x in comps), default=0)
+  text = ("How to read a verdict on a difference A - B (95% interval, mean over the seeds both "
+          "have): **more robust** if the interval is above 0, else **less robust** if below 0, "
+          f"else **equivalent** if it lies inside +-{L2_MARGIN:g} L2, else **cannot tell**, in "
+          "that order (so a difference that is significant but smaller than the margin reads "
+          f"more or less robust). Equivalence needs an interval narrower than {2 * L2_MARGIN:g}")
+  if widths:
+    text += f"; the narrowest here is {min(widths):.3f} wide" + (
+        ", so \"equivalent\" is out of reach at this scale and \"does not enhance\" claims are "
+        "supported only by significant harm" if min(widths) >= 2 * L2_MARGIN else "")
+  text += "."
+  if seeds == 1:
+    text += (" So far every robustness comparison rests on one seed: its interval covers the "
+             "pairs only, not seed variance.")
+  elif seeds > 1:
+    text += (f" On {seeds} seeds, resampling seeds cannot reach beyond the seeds' own range, so "
+             "an interval's seed part covers less than 95%: each comparison lists every seed's "
+             "own difference.")
+  return text
+
+
 def _markdown(groups: dict, fars: list, results: dict, transfer: dict | None = None) -> str:
   keys = ordered(groups)
   adv = next((r["config"]["advt"] for k in keys if k.startswith("advt") for r in groups[k]), None)
   plan, cal, pairs = _stored_plan(groups)
-  odd = [r["run"] for rs in groups.values() for r in rs
-         if r["robustness"] and r["robustness"]["key"]["plan"] != plan]
-  plan_warning = ([f"**Warning**: {', '.join(odd)} were attacked with another plan than the "
-                   "other runs (`key.plan` in their `robustness.json`): rerun the robustness "
-                   "stage before reading their comparisons.", ""] if odd else [])
+  odd = [r["run"] for rs in groups.values() for r in rs if r["robustness"] and
+         _worst_case_plan(r["robustness"]["key"]["plan"]) != _worst_case_plan(plan)]
+  plan_warning = ([f"**Warning**: the worst case of {', '.join(odd)} comes from another attack "
+                   "plan than most runs' (`key.plan` in their `robustness.json`): rerun the "
+                   "robustness stage before reading their comparisons.", ""] if odd else [])
   linf = ", ".join(f"{b * 255:g}" for b in plan["pgd_budgets"])
   l2 = ", ".join(f"{b:g}" for b in plan["pgd_l2_budgets"])
   pending = [r["run"] for k in keys for r in groups[k] if not r["robustness"]]
@@ -681,15 +717,7 @@ def _markdown(groups: dict, fars: list, results: dict, transfer: dict | None = N
           f"{adv['step_size'] * 255:.3g}/255 inside {adv['epsilon'] * 255:.3g}/255 (the full "
           "recipe: 10 of 1/255), for this CPU's budget." if adv else ""),
        ""] + plan_warning + [
-       "How to read a verdict on a difference A - B (95% interval, mean over the common seeds): "
-       "**more robust** if the interval is above 0, else **less robust** if below 0, else "
-       f"**equivalent** if it lies inside +-{L2_MARGIN:g} L2, else **cannot tell**, in that order "
-       "(so a difference that is significant but smaller than the margin reads more or less "
-       f"robust). Equivalence needs an interval narrower than {2 * L2_MARGIN:g}: the intervals here "
-       "are wider, so \"equivalent\" is out of reach at this scale and \"does not enhance\" "
-       "claims are supported only by significant harm. With 3 seeds, resampling seeds cannot reach "
-       "beyond the seeds' own range, so an interval's seed part covers less than 95%: each "
-       "comparison lists every seed's own difference.", ""] + changes(groups, plan, cal, pairs) + [
+       _reading(results, fars), ""] + changes(groups, plan, cal, pairs) + [
        "## Clean accuracy (LFW folds 6-10, 3,000 pairs, InsightFace protocol) and operating points",
        "", "| method | seeds | accuracy per seed | own threshold's FAR | threshold at FAR 1e-2 / 1e-3 |",
        "| --- | --- | --- | --- | --- |"]
@@ -738,7 +766,7 @@ def _markdown(groups: dict, fars: list, results: dict, transfer: dict | None = N
           col(lambda p: p["robust_accuracy_linf"]["2/255"], "%.2f"),
           col(lambda p: p["robust_accuracy_linf"]["8/255"], "%.2f"),
           col(lambda p: p["pre_accepted"], "%d"), ", ".join(masking(p) for p in pts)))
-    L += _masking_note(groups, far, pairs) + _diagnostic_table(groups, far)
+    L += _masking_note(groups, far, pairs, plan["pgd_l2_budgets"]) + _diagnostic_table(groups, far)
     if far in results.get("figures", {}):
       L += ["", f"![robust accuracy at FAR {far}]({results['figures'][far]})"]
     L += ["", "### The paper's claims (worst case over attacks)", ""]

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 
 import faceens
-from faceens import attack, reproduce_attacks, reproduce_report, verification
+from faceens import attack, provenance, reproduce_attacks, reproduce_report, verification
 from faceens.attacks import lots
 from tests.builders import make_lfw
 from tests.conftest import FAST_COMPILE_ENV, subprocess_env
@@ -104,7 +104,7 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
                                        * (1 - 1e-5)))
           assert d["smaller_than_reference"] == smaller.sum()
         for a in (*point["attacks"].values(), *diag.values()):
-          assert a["computed_with"]
+          assert a["computed_with"] == (provenance.git_commit() or "unknown")
     assert rob["written_with"]["jax"] and "commit" in rob["written_with"]
   # Suite v2's report, from per_run/ alone: both operating points, a verdict per claim.
   v2 = json.loads((out / "results.json").read_text())

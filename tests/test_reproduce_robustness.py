@@ -122,6 +122,30 @@ def test_accuracy_difference_matches_the_protocol():
     rs.bootstrap_accuracies([a[0], other], n=5)
 
 
+def test_accuracy_seeds_are_paired():
+  from faceens import reproduce_summary as rs
+  # Seeds far apart (0.5 and 0.75) but B trails A by exactly 0.25 on each seed and resample:
+  # joint seed resampling gives exactly 0.25 every time (unpaired: -0.0 to 0.5).
+  a = [(0.5, np.full(400, 0.5)), (0.75, np.full(400, 0.75))]
+  b = [(0.25, np.full(400, 0.25)), (0.5, np.full(400, 0.5))]
+  d = rs.accuracy_difference(a, b)
+  assert (d["difference"], d["lo"], d["hi"], d["per_seed"]) == (0.25, 0.25, 0.25, [0.25, 0.25])
+  with pytest.raises(ValueError, match="same seeds"):
+    rs.accuracy_difference(a, b[:1])
+
+
+def test_stored_plan_is_the_majority_and_ignores_diagnostic_settings():
+  from faceens import reproduce_summary as rs
+  base = rr.RobustPlan().as_dict()
+  run = lambda plan: {"robustness": {"key": {"plan": plan}, "pairs": 7},  # noqa: E731
+                      "calibration": {"key": "k"}}
+  other_diag = {**base, "cw_check_patience": 60, "diagnostic_seeds": [1]}
+  other = {**base, "pgd_restarts": 9}
+  plan, _, pairs = rs._stored_plan({"x": [run(other), run(base), run(other_diag)]})
+  assert rs._worst_case_plan(plan) == rs._worst_case_plan(base) and pairs == 7
+  assert rs._worst_case_plan(other) != rs._worst_case_plan(base)
+
+
 def test_claim_verdicts_need_every_comparison():
   from faceens import reproduce_summary as rs
   more = {"verdict": "more robust"}
@@ -185,6 +209,22 @@ def test_attack_results_are_cached_resumed_and_reused(run_dir, tmp_path, monkeyp
   # Done with the same plan: nothing runs at all.
   calls.clear()
   assert rr.attack_run(model, pairs, cal, base, str(out), progress=False) == second and not calls
+  # The plan gains the diagnostics (the model is an ensemble of seed 0): only they run, beside
+  # the worst case; once the cache is gone they come back from robustness.npz too.
+  diag = rr.dataclasses.replace(base, diagnostic_seeds=(0,))
+  third = rr.attack_run(model, pairs, cal, diag, str(out), progress=False)
+  assert sorted(c.split()[-1] for c in calls) == sorted(diag.diagnostics())
+  point = third["operating_points"]["0.1"]
+  assert set(point["diagnostics"]) == set(diag.diagnostics())
+  assert point["worst_case_l2_median"] == second["operating_points"]["0.1"]["worst_case_l2_median"]
+  shutil.rmtree(os.path.join(run_dir, "suite_robustness"))
+  calls.clear()
+  again = rr.attack_run(model, pairs, cal, rr.dataclasses.replace(diag, cw_check_patience=7),
+                        str(out), progress=False)
+  # (a changed check patience reruns that diagnostic alone)
+  assert calls == [f"{model.config.method} FAR 0.1 cw:patience7"]
+  assert again["operating_points"]["0.1"]["diagnostics"]["ifgsm:members"] == \
+      point["diagnostics"]["ifgsm:members"]
 
 
 def test_transfer_paired_difference_by_hand():
@@ -201,7 +241,11 @@ def test_transfer_paired_difference_by_hand():
   assert rt.verdict({"difference": -0.5, "lo": -0.9, "hi": -0.1, "sources": 2, "pairs": 4}) == \
       "resists transfer better"
   same = rt.paired_difference(a, a, n=50)
-  assert (same["lo"], same["hi"]) == (0.0, 0.0) and rt.verdict(same) == "no difference on any pair"
+  assert (same["lo"], same["hi"]) == (0.0, 0.0) and rt.verdict(same) == "no net difference on any pair"
+  assert not d["no_net_difference"]
+  # Two sources that cancel on a pair: no net difference there, though each source differs.
+  flip = rt.paired_difference(np.array([[1], [0]], bool), np.array([[0], [1]], bool), n=50)
+  assert flip["no_net_difference"] and rt.verdict(flip) == "no net difference on any pair"
   assert rt.verdict({"difference": 0.0, "lo": -0.2, "hi": 0.2, "sources": 2, "pairs": 4}) == \
       "cannot tell"
   none = rt.paired_difference(np.zeros((0, 4), bool), np.zeros((0, 4), bool))
@@ -268,10 +312,10 @@ def test_stage_takes_free_runs_first_then_waits_for_held_ones(tmp_path, monkeypa
   class Model:
     config = None
 
-  def fake_attack(model, pairs, calibration, plan, out, progress):
+  def fake_attack(model, pairs, calibration, plan, out, progress, code):
     # The lock is held while the run is attacked (probed from another process's view: a new
     # open file description of this process is refused like another process would be).
-    assert rr.claim(str(locks[out])) is None
+    assert rr.claim(str(locks[out])) is None and "commit" in code   # the process-start record
     attacked.append(out)
   monkeypatch.setattr(rr.api, "load", lambda w: Model())
   monkeypatch.setattr(rr, "attack_run", fake_attack)
