@@ -29,14 +29,15 @@ starts) breaks inside it while the minimal-norm attacks found no example of L2 <
 attacks minimise L2, so a count above 0 means they missed easier examples (e.g. gradient masking
 that random starts get around); the worst case includes PGD's examples either way.
 
-Diagnostics run on ensembles of ``diagnostic_seeds`` at ``diagnostic_far``, beside the worst
-case and never part of it (``diagnostics`` in the summary, each against an attack of the plan:
-the median L2 ratio on the pairs both broke, and the pairs where it found a smaller example):
-``ifgsm:members`` (the first report's attack: I-FGSM on ``sum_k ||f_k(x) - t_k||^2``, every
-member feature pulled to the target's at once, success judged on the ensemble embedding), an
-over-constrained objective, weaker by construction, against ``ifgsm``; and
-``cw:patience<cw_check_patience>``, CW waiting 5x longer for an improvement, against ``cw``:
-whether CW's stopping rule left smaller examples unfound.
+Diagnostics run on runs of ``diagnostic_seeds`` at ``diagnostic_far``, beside the worst case
+and never part of it (``diagnostics`` in the summary, each against an attack of the plan on the
+same pairs: the median L2 ratio on the pairs both broke, and the pairs where it found a smaller
+example): ``ifgsm:members`` on ensembles (the first report's attack: I-FGSM on
+``sum_k ||f_k(x) - t_k||^2``, every member feature pulled to the target's at once, success judged
+on the ensemble embedding), an over-constrained objective, weaker by construction, against
+``ifgsm``; and ``cw:patience<cw_check_patience>`` on the runs of ``cw_check_methods``, on the
+first ``cw_check_pairs`` attacked pairs (CW that waits long costs up to its 1,000 iterations on
+every pair), against ``cw``: whether CW's stopping rule left smaller examples unfound.
 Every attack records the code commit that computed it (``computed_with``: the commit of the
 process's checkout when it started, ``unknown`` outside a git checkout, ``None`` for results
 computed before commits were kept) and ``robustness.json`` the process that wrote it.
@@ -88,23 +89,33 @@ class RobustPlan:
   linf_budgets: tuple[float, ...] = (0.5 / 255, 1.0 / 255, 2.0 / 255, 4.0 / 255, 8.0 / 255)
   chunk: int = 8
   batch_size: int = 256
-  # The first report's ``ifgsm:members`` (every member feature pulled at once): a diagnostic
-  # beside the worst case, never part of it; on ensembles of these seeds at this operating point.
+  # Diagnostics beside the worst case, never part of it, on runs of these seeds at this operating
+  # point: the first report's ``ifgsm:members`` (every member feature pulled at once) on
+  # ensembles, and CW's stopping rule checked by the same CW with a longer patience (name
+  # "cw:patience<n>") on these methods' runs, on the first ``cw_check_pairs`` attacked pairs.
   diagnostic_far: float = 0.01
   diagnostic_seeds: tuple[int, ...] = (0,)
-  # CW's stopping rule checked: the same CW with this patience (name "cw:patience<n>").
   cw_check_patience: int = 150
+  cw_check_methods: tuple[str, ...] = ("single", "srv_fdp")
+  cw_check_pairs: int = 64
 
-  def diagnostics(self) -> dict[str, tuple[lots.AttackConfig, str]]:
-    """``{name: (config, the attack of the plan it is compared with)}``."""
-    return {
-        "ifgsm:members": (lots.AttackConfig(method="ifgsm", objective="members",
-                                            step_size=self.step_size,
-                                            max_iters=self.max_iters).validate(), "ifgsm"),
-        f"cw:patience{self.cw_check_patience}": (
-            lots.AttackConfig(method="cw", cw_lr=self.cw_lr, cw_c=self.cw_c,
-                              cw_patience=self.cw_check_patience,
-                              max_iters=self.cw_max_iters).validate(), "cw")}
+  def diagnostics(self, method: str, num_members: int, seed: int) -> dict:
+    """``{name: (config, the attack of the plan it is compared with, at most this many of the
+    attacked pairs or None for all)}`` for a run of ``method`` with ``num_members`` members
+    trained with ``seed``."""
+    if seed not in self.diagnostic_seeds:
+      return {}
+    out = {}
+    if num_members > 1:
+      out["ifgsm:members"] = (lots.AttackConfig(method="ifgsm", objective="members",
+                                                step_size=self.step_size,
+                                                max_iters=self.max_iters).validate(), "ifgsm", None)
+    if method in self.cw_check_methods:
+      out[f"cw:patience{self.cw_check_patience}"] = (
+          lots.AttackConfig(method="cw", cw_lr=self.cw_lr, cw_c=self.cw_c,
+                            cw_patience=self.cw_check_patience,
+                            max_iters=self.cw_max_iters).validate(), "cw", self.cw_check_pairs)
+    return out
 
   def configs(self) -> dict[str, lots.AttackConfig]:
     out = {"ifgsm": lots.AttackConfig(method="ifgsm", step_size=self.step_size,
@@ -128,7 +139,7 @@ class RobustPlan:
 SMOKE_ROBUST_PLAN = RobustPlan(step_size=2.0 / 255, max_iters=12, cw_max_iters=12, cw_patience=3,
                                bim_max_iters=6, pgd_budgets=(4.0 / 255,), pgd_restarts=2,
                                pgd_steps=4, pgd_l2_budgets=(1.0,), chunk=4, batch_size=16,
-                               diagnostic_far=0.1, cw_check_patience=6)
+                               diagnostic_far=0.1, cw_check_patience=6, cw_check_pairs=2)
 
 FIELDS = ("l2", "linf", "success", "iterations", "distance")
 # Relative slack on L2 budgets: an example projected onto the ball of radius b measures b up to
@@ -190,11 +201,14 @@ def robust_accuracy_linf(per_attack: dict, pre_accepted, budgets) -> list[float]
   return out
 
 
-def _attack_key(cfg, plan: RobustPlan, name: str, step: int, pairs: list, goal: float) -> str:
-  """What one attack's per-pair result depends on (its cache key)."""
+def _attack_key(cfg, plan: RobustPlan, name: str, step: int, pairs: list, goal: float,
+                limit: int | None = None) -> str:
+  """What one attack's per-pair result depends on (its cache key); ``limit``: a diagnostic on
+  the first ``limit`` attacked pairs only."""
   restarts = plan.pgd_restarts if name.startswith("pgd") else 1
-  return json.dumps({"config": dataclasses.asdict(cfg), "restarts": restarts, "step": step,
-                     "pairs": pairs, "threshold": goal}, sort_keys=True)
+  key = {"config": dataclasses.asdict(cfg), "restarts": restarts, "step": step, "pairs": pairs,
+         "threshold": goal}
+  return json.dumps(key | ({"max_pairs": limit} if limit is not None else {}), sort_keys=True)
 
 
 def _previous_results(out_dir: str, n: int):
@@ -209,11 +223,12 @@ def _previous_results(out_dir: str, n: int):
     arrays = {k: z[k] for k in z.files}
   key = doc.get("key", {})
 
-  def lookup(far, name, cfg, plan, step, pairs, goal):
+  def lookup(far, name, cfg, plan, step, pairs, goal, limit=None):
     point = doc.get("operating_points", {}).get(far, {})
     entry = point.get("attacks", {}).get(name) or point.get("diagnostics", {}).get(name)
     old_plan = key.get("plan", {})
-    if entry is None or key.get("step") != step or key.get("pairs") != pairs:
+    if (entry is None or key.get("step") != step or key.get("pairs") != pairs
+        or entry.get("max_pairs") != limit):
       return None
     restarts = old_plan.get("pgd_restarts") if name.startswith("pgd") else 1
     want_restarts = plan.pgd_restarts if name.startswith("pgd") else 1
@@ -265,15 +280,18 @@ def _missed(per_attack: dict, pre, budgets, pgd_name, norm: str) -> dict:
 
 
 def _against(diag: dict, per_attack: dict, todo, reference: str) -> dict:
-  """A diagnostic against the plan's ``reference`` attack on the attacked pairs: the median L2
-  ratio over the pairs both broke, and the pairs where the diagnostic found a smaller example
-  than the reference (by more than ``L2_RTOL``) or the only one."""
+  """A diagnostic against the plan's ``reference`` attack on the pairs ``todo`` it ran on: the
+  reference's success and median L2 there, the median L2 ratio over the pairs both broke, and
+  the pairs where the diagnostic found a smaller example than the reference (by more than
+  ``L2_RTOL``) or the only one."""
   ref = per_attack[reference]
   ok, ref_ok = diag["success"][todo], ref["success"][todo]
   both = ok & ref_ok
   l2, ref_l2 = diag["l2"][todo], ref["l2"][todo]
   smaller = ok & (~ref_ok | (l2 < ref_l2 * (1 - L2_RTOL)))
   return {"reference": reference,
+          "reference_success_rate": float(ref_ok.mean()) if len(todo) else None,
+          "reference_l2_median": float(np.median(ref_l2[ref_ok])) if ref_ok.any() else None,
           "l2_ratio_median": float(np.median(l2[both] / ref_l2[both])) if both.any() else None,
           "smaller_than_reference": int(smaller.sum())}
 
@@ -303,7 +321,7 @@ def attack_run(model, pairs: dict, calibration_doc: dict, plan: RobustPlan, out_
   arrays, summary = {"clean_distance": d0}, {}
   code = code or provenance.record()
   commit = code["commit"] or "unknown"
-  diagnose = model.num_members > 1 and model.config.seed in plan.diagnostic_seeds
+  diagnostics = plan.diagnostics(model.config.method, model.num_members, model.config.seed)
   for far, point in calibration_doc["operating_points"].items():
     goal = float(point["threshold"])
     pre = d0 < goal
@@ -311,51 +329,52 @@ def attack_run(model, pairs: dict, calibration_doc: dict, plan: RobustPlan, out_
     summary[far] = {"threshold": goal, "pre_accepted": int(pre.sum()), "attacked": int(len(todo)),
                     "attacks": {}}
     per_attack = {}
-    runs = list(plan.configs().items())
-    if diagnose and float(far) == plan.diagnostic_far:
-      runs += [(name, cfg) for name, (cfg, _) in plan.diagnostics().items()]
+    runs = [(name, cfg, None) for name, cfg in plan.configs().items()]
+    if diagnostics and float(far) == plan.diagnostic_far:
+      runs += [(name, cfg, limit) for name, (cfg, _, limit) in diagnostics.items()]
       summary[far]["diagnostics"] = {}
-    for name, cfg in runs:
+    for name, cfg, limit in runs:
       desc = f"{model.config.method} FAR {far} {name}"
+      sub = todo[:limit]   # the pairs this attack runs on (all attacked pairs unless limited)
 
-      def compute(name=name, cfg=cfg, desc=desc):
-        old = previous(far, name, cfg, plan, model.step, pair_names, goal)
+      def compute(name=name, cfg=cfg, desc=desc, sub=sub, limit=limit):
+        old = previous(far, name, cfg, plan, model.step, pair_names, goal, limit)
         if old is not None:
           return old
-        targets = feats_t[:, todo] if cfg.objective == "members" else emb_t[todo]
-        if not len(todo):
+        targets = feats_t[:, sub] if cfg.objective == "members" else emb_t[sub]
+        if not len(sub):
           r = {"l2": np.zeros(0), "linf": np.zeros(0), "success": np.zeros(0, bool),
                "iterations": np.zeros(0, np.int64), "distance": np.zeros(0), "seconds": 0.0}
         elif name.startswith("pgd"):
-          r = _pgd(model, x_src[todo], targets, goal, cfg, plan, progress, desc)
+          r = _pgd(model, x_src[sub], targets, goal, cfg, plan, progress, desc)
         else:
-          r = _one_attack(model, x_src[todo], targets, goal, cfg, plan, seed=0,
+          r = _one_attack(model, x_src[sub], targets, goal, cfg, plan, seed=0,
                           progress=progress, desc=desc)
         full = {"l2": np.full(n, np.nan), "linf": np.full(n, np.nan),
                 "success": np.zeros(n, bool), "iterations": np.zeros(n, np.int64),
                 "distance": d0.copy()}
         for k in full:
-          full[k][todo] = r[k]
+          full[k][sub] = r[k]
         return full | {"seconds": r["seconds"], "computed_with": commit}
 
       full = _cached(cache_dir, f"{far}_{name.replace(':', '_')}",
-                     _attack_key(cfg, plan, name, model.step, pair_names, goal), compute)
+                     _attack_key(cfg, plan, name, model.step, pair_names, goal, limit), compute)
       seconds = full.pop("seconds")
       # The code commit that computed it; None for results computed before commits were kept.
       computed_with = full.pop("computed_with", None)
       for k, v in full.items():
         arrays[f"{far}/{name}/{k}"] = v
-      ok = full["success"][todo]
+      ok = full["success"][sub]
       entry = {
-          "config": dataclasses.asdict(cfg), "success_rate": float(ok.mean()) if len(todo) else None,
-          "l2_median": float(np.median(full["l2"][todo][ok])) if ok.any() else None,
-          "iterations_median": float(np.median(full["iterations"][todo])) if len(todo) else None,
-          "hit_cap": int(np.sum(full["iterations"][todo] >= cfg.max_iters * (
+          "config": dataclasses.asdict(cfg), "success_rate": float(ok.mean()) if len(sub) else None,
+          "l2_median": float(np.median(full["l2"][sub][ok])) if ok.any() else None,
+          "iterations_median": float(np.median(full["iterations"][sub])) if len(sub) else None,
+          "hit_cap": int(np.sum(full["iterations"][sub] >= cfg.max_iters * (
               plan.pgd_restarts if name.startswith("pgd") else 1))),
           "seconds": seconds, "computed_with": computed_with}
-      if name in plan.diagnostics():
-        summary[far]["diagnostics"][name] = entry | _against(full, per_attack, todo,
-                                                             plan.diagnostics()[name][1])
+      if name in diagnostics:
+        summary[far]["diagnostics"][name] = entry | {"max_pairs": limit, "attacked": len(sub)} | (
+            _against(full, per_attack, sub, diagnostics[name][1]))
       else:
         per_attack[name] = full
         summary[far]["attacks"][name] = entry

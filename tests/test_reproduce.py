@@ -94,8 +94,8 @@ def test_smoke_suite_end_to_end_and_resumable(tmp_path):
         # ifgsm:members: a diagnostic on the ensemble's first seed at the plan's diagnostic
         # operating point, beside (not in) the worst case; every attack names its commit.
         diag = point.get("diagnostics", {})
-        assert set(diag) == ({"ifgsm:members", "cw:patience6"} if m == "srv_fdp" and far == "0.1"
-                             else set())
+        want = {"srv_fdp": {"ifgsm:members", "cw:patience6"}, "single": {"cw:patience6"}}[m]
+        assert set(diag) == (want if far == "0.1" else set())
         for name, d in diag.items():
           # "smaller": pairs only the diagnostic broke, or broke with a smaller example.
           ok, ref_ok = z[f"{far}/{name}/success"], z[f"{far}/{d['reference']}/success"]

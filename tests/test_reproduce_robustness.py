@@ -134,6 +134,16 @@ def test_accuracy_seeds_are_paired():
     rs.accuracy_difference(a, b[:1])
 
 
+def test_diagnostics_per_run():
+  plan = rr.RobustPlan()
+  assert set(plan.diagnostics("srv_fdp", 3, 0)) == {"ifgsm:members", "cw:patience150"}
+  assert set(plan.diagnostics("single", 1, 0)) == {"cw:patience150"}
+  assert set(plan.diagnostics("fdp", 3, 0)) == {"ifgsm:members"}
+  assert plan.diagnostics("srv_fdp", 3, 1) == {} and plan.diagnostics("advt", 1, 0) == {}
+  cfg, ref, limit = plan.diagnostics("single", 1, 0)["cw:patience150"]
+  assert (cfg.cw_patience, cfg.max_iters, ref, limit) == (150, plan.cw_max_iters, "cw", 64)
+
+
 def test_stored_plan_is_the_majority_and_ignores_diagnostic_settings():
   from faceens import reproduce_summary as rs
   base = rr.RobustPlan().as_dict()
@@ -212,10 +222,16 @@ def test_attack_results_are_cached_resumed_and_reused(run_dir, tmp_path, monkeyp
   # The plan gains the diagnostics (the model is an ensemble of seed 0): only they run, beside
   # the worst case; once the cache is gone they come back from robustness.npz too.
   diag = rr.dataclasses.replace(base, diagnostic_seeds=(0,))
+  names = set(diag.diagnostics("srv_fdp", model.num_members, 0))
+  assert names == {"ifgsm:members", "cw:patience6"} and model.config.method == "srv_fdp"
   third = rr.attack_run(model, pairs, cal, diag, str(out), progress=False)
-  assert sorted(c.split()[-1] for c in calls) == sorted(diag.diagnostics())
+  assert sorted(c.split()[-1] for c in calls) == sorted(names)
   point = third["operating_points"]["0.1"]
-  assert set(point["diagnostics"]) == set(diag.diagnostics())
+  assert set(point["diagnostics"]) == names
+  # The CW check runs on the first cw_check_pairs (2) attacked pairs only.
+  attacked = np.flatnonzero(d0 >= 0.8 * d0.max())
+  assert point["diagnostics"]["cw:patience6"]["attacked"] == min(2, len(attacked))
+  assert point["diagnostics"]["ifgsm:members"]["attacked"] == len(attacked)
   assert point["worst_case_l2_median"] == second["operating_points"]["0.1"]["worst_case_l2_median"]
   shutil.rmtree(os.path.join(run_dir, "suite_robustness"))
   calls.clear()
