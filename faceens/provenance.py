@@ -1,7 +1,7 @@
 """Where a result came from: ``record()`` for every JSON the jobs write.
 
 The faceens version, the git commit of the checkout it runs from (``None`` for an installed
-package, ``+dirty`` when tracked files differ from it), the jax / jaxlib / flax versions, the
+package, ``+dirty`` when tracked files outside ``reports/`` differ from it), the jax / jaxlib / flax versions, the
 device kind and count, and a UTC timestamp.
 """
 
@@ -22,7 +22,9 @@ def git_commit(path: str | None = None) -> str | None:
     head = run("rev-parse", "HEAD")
     if head.returncode != 0:
       return None
-    dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    # Results the jobs write into the checkout (``reports/``) are not code: they leave it clean.
+    dirty = run("status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                ":(top,exclude)reports").stdout.strip()
     return head.stdout.strip() + ("+dirty" if dirty else "")
   except (OSError, subprocess.SubprocessError):
     return None
