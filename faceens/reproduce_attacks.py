@@ -84,7 +84,7 @@ class Plan:
 
   def key(self, name: str) -> dict:
     """What a stored white-box result must match to be reused: the pairs and the attack."""
-    cfg = json.loads(json.dumps(dataclasses.asdict(self.attack_config(name))))
+    cfg = json.loads(json.dumps(lots.config_dict(self.attack_config(name))))
     return {"n_pairs": self.n_pairs, "seed": self.seed, "attack": cfg}
 
 
@@ -224,7 +224,7 @@ def white_box(model, pairs: dict, plan: Plan, out_dir: str, names, progress: boo
     ok = success[todo]
     it = iters[todo][ok]
     summary = {
-        "attack": name, "config": dataclasses.asdict(cfg), "key": plan.key(name),
+        "attack": name, "config": lots.config_dict(cfg), "key": plan.key(name),
         "step": model.step, "threshold": thr, "pairs": int(n), "pre_accepted": int(pre.sum()),
         "attacked": int(len(todo)), "success_rate": float(ok.mean()) if len(todo) else None,
         "iterations_median": float(np.median(it)) if len(it) else None,
@@ -247,7 +247,7 @@ def _derive_bim(ifgsm: dict, cfg, plan: Plan, out_dir: str, json_path: str) -> d
   src = os.path.join(out_dir, f"{file_name(ifgsm['attack'])}.npz")
   with np.load(src) as z:
     np.savez_compressed(os.path.join(out_dir, "bim.npz"), **dict(z))
-  summary = dict(ifgsm, attack="bim", config=dataclasses.asdict(cfg), key=plan.key("bim"),
+  summary = dict(ifgsm, attack="bim", config=lots.config_dict(cfg), key=plan.key("bim"),
                  derived_from="ifgsm: max_iters x step_size <= epsilon, so the L_inf projection "
                               "never acts and BIM takes the same steps as I-FGSM")
   with open(json_path, "w") as f:

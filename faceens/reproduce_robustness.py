@@ -37,7 +37,9 @@ example): ``ifgsm:members`` on ensembles (the first report's attack: I-FGSM on
 on the ensemble embedding), an over-constrained objective, weaker by construction, against
 ``ifgsm``; and ``cw:patience<cw_check_patience>`` on the runs of ``cw_check_methods``, on the
 first ``cw_check_pairs`` attacked pairs (CW that waits long costs up to its 1,000 iterations on
-every pair), against ``cw``: whether CW's stopping rule left smaller examples unfound.
+every pair), against ``cw``: the same CW (c escalating on the same schedule) that waits longer
+before it stops, so its search extends the plan's CW's; whether CW's stopping rule left smaller
+examples unfound.
 Every attack records the code commit that computed it (``computed_with``: the commit of the
 process's checkout when it started, ``unknown`` outside a git checkout, ``None`` for results
 computed before commits were kept) and ``robustness.json`` the process that wrote it.
@@ -113,8 +115,10 @@ class RobustPlan:
     if method in self.cw_check_methods:
       out[f"cw:patience{self.cw_check_patience}"] = (
           lots.AttackConfig(method="cw", cw_lr=self.cw_lr, cw_c=self.cw_c,
-                            cw_patience=self.cw_check_patience,
-                            max_iters=self.cw_max_iters).validate(), "cw", self.cw_check_pairs)
+                            cw_patience=self.cw_check_patience, max_iters=self.cw_max_iters,
+                            # c escalates as in the plan's CW: only the stopping rule differs
+                            cw_escalate_every=max(self.cw_patience, 10)).validate(),
+          "cw", self.cw_check_pairs)
     return out
 
   def configs(self) -> dict[str, lots.AttackConfig]:
@@ -206,7 +210,7 @@ def _attack_key(cfg, plan: RobustPlan, name: str, step: int, pairs: list, goal: 
   """What one attack's per-pair result depends on (its cache key); ``limit``: a diagnostic on
   the first ``limit`` attacked pairs only."""
   restarts = plan.pgd_restarts if name.startswith("pgd") else 1
-  key = {"config": dataclasses.asdict(cfg), "restarts": restarts, "step": step, "pairs": pairs,
+  key = {"config": lots.config_dict(cfg), "restarts": restarts, "step": step, "pairs": pairs,
          "threshold": goal}
   return json.dumps(key | ({"max_pairs": limit} if limit is not None else {}), sort_keys=True)
 
@@ -233,7 +237,7 @@ def _previous_results(out_dir: str, n: int):
     restarts = old_plan.get("pgd_restarts") if name.startswith("pgd") else 1
     want_restarts = plan.pgd_restarts if name.startswith("pgd") else 1
     if (point.get("threshold") != goal or restarts != want_restarts
-        or entry.get("config") != json.loads(json.dumps(dataclasses.asdict(cfg)))):
+        or entry.get("config") != json.loads(json.dumps(lots.config_dict(cfg)))):
       return None
     try:
       full = {k: arrays[f"{far}/{name}/{k}"] for k in FIELDS}
@@ -366,7 +370,7 @@ def attack_run(model, pairs: dict, calibration_doc: dict, plan: RobustPlan, out_
         arrays[f"{far}/{name}/{k}"] = v
       ok = full["success"][sub]
       entry = {
-          "config": dataclasses.asdict(cfg), "success_rate": float(ok.mean()) if len(sub) else None,
+          "config": lots.config_dict(cfg), "success_rate": float(ok.mean()) if len(sub) else None,
           "l2_median": float(np.median(full["l2"][sub][ok])) if ok.any() else None,
           "iterations_median": float(np.median(full["iterations"][sub])) if len(sub) else None,
           "hit_cap": int(np.sum(full["iterations"][sub] >= cfg.max_iters * (

@@ -58,7 +58,7 @@ def craft(model, pairs: dict, goal: float, plan: RobustPlan, cache: str, progres
   """I-FGSM examples of ``model`` on ``pairs`` to ``goal``; cached in ``cache`` (an .npz) under
   the settings, the checkpoint step, the pairs and the goal."""
   cfg = plan.configs()["ifgsm"]
-  key = json.dumps({"config": str(cfg), "step": model.step, "pairs": pairs["names"],
+  key = json.dumps({"config": lots.config_repr(cfg), "step": model.step, "pairs": pairs["names"],
                     "goal": goal}, sort_keys=True)
 
   def compute():
@@ -114,7 +114,7 @@ def craft_budget(model, pairs: dict, cfg: lots.AttackConfig, plan: RobustPlan, c
   no early stop; its last iterate); independent of any threshold, so one set serves every
   operating point. Cached like ``craft``."""
   # The random starts depend on the batching (one key per batch of plan.batch_size).
-  key = json.dumps({"config": dataclasses.asdict(cfg), "step": model.step,
+  key = json.dumps({"config": lots.config_dict(cfg), "step": model.step,
                     "pairs": pairs["names"], "goal": 0.0, "batch_size": plan.batch_size,
                     "seed": 0}, sort_keys=True)
 

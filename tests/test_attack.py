@@ -1,5 +1,6 @@
 """faceens.attack: the attack jobs (white-box, transfer, plots), compaction, CLI errors."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -80,6 +81,29 @@ def test_compacted_loop_equals_one_long_loop(run_dir, method, objective, fast_co
   np.testing.assert_allclose(short["x_adv"], long["x_adv"], atol=1e-6)
   np.testing.assert_allclose(short["distance"], long["distance"], atol=1e-5)
   np.testing.assert_allclose(short["l2"], long["l2"], atol=1e-5)
+
+
+def test_cw_with_more_patience_and_the_same_escalation_extends_the_search(run_dir, fast_compile):
+  """CW's stopping rule: waiting longer for a smaller L2, with c escalating on the same schedule,
+  follows the same trajectory past the point where the shorter patience stopped, so its best
+  successful L2 can only be smaller or equal, pair by pair."""
+  model = faceens.load(run_dir)
+  xs, xt = attack_faces(model, n=8, seed=3)
+  t = model.member_features(xt).mean(0)
+  goal = 0.8 * np.linalg.norm(model.embed(xs) - t, axis=1)
+  short = lots.AttackConfig(method="cw", cw_lr=0.01, cw_patience=3, max_iters=60)
+  assert short.escalate_every == 10 and lots.config_dict(short) == {
+      k: v for k, v in dataclasses.asdict(short).items() if k != "cw_escalate_every"}
+  long = dataclasses.replace(short, cw_patience=15, cw_escalate_every=10)
+  assert "cw_escalate_every" in lots.config_dict(long)
+  a = lots.attack(model.apply, model.variables, xs, t, goal, short)
+  b = lots.attack(model.apply, model.variables, xs, t, goal, long)
+  assert a["success"].sum() >= 3 and (b["iterations"] >= a["iterations"]).all()
+  assert (b["success"] >= a["success"]).all()
+  ok = a["success"]
+  # The same float32 ops on the same inputs: equal, or smaller once it searched on.
+  assert (b["l2"][ok] <= a["l2"][ok] * (1 + 1e-6)).all()
+  assert (b["l2"][ok] < a["l2"][ok] * (1 - 1e-6)).any()   # the longer wait found something
 
 
 def test_bad_config_errors():

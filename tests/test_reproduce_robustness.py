@@ -142,6 +142,10 @@ def test_diagnostics_per_run():
   assert plan.diagnostics("srv_fdp", 3, 1) == {} and plan.diagnostics("advt", 1, 0) == {}
   cfg, ref, limit = plan.diagnostics("single", 1, 0)["cw:patience150"]
   assert (cfg.cw_patience, cfg.max_iters, ref, limit) == (150, plan.cw_max_iters, "cw", 64)
+  # Only the stopping rule differs from the plan's CW (c escalates every 30 in both).
+  plan_cw = plan.configs()["cw"]
+  assert cfg.escalate_every == plan_cw.escalate_every == 30
+  assert rr.dataclasses.replace(cfg, cw_patience=plan.cw_patience, cw_escalate_every=0) == plan_cw
 
 
 def test_stored_plan_is_the_majority_and_ignores_diagnostic_settings():

@@ -17,8 +17,8 @@ towards precomputed target features ``t``, with one of these step rules:
     ``pgd``;
   * ``cw``: Carlini-Wagner L2 in tanh space, ``||x - x_s||^2 + c * max(d^2 / goal^2 - 1, 0)``
     (the hinge relative to the goal), minimised with Adam. ``c`` starts at ``cw_c`` and grows
-    tenfold after every ``max(cw_patience, 10)`` iterations without success (in place of Carlini and
-    Wagner's binary search over c). As in their code, the result is the successful iterate
+    tenfold after every ``cw_escalate_every`` (default ``max(cw_patience, 10)``) iterations
+    without success (in place of Carlini and Wagner's binary search over c). As in their code, the result is the successful iterate
     with the smallest L2: an example is done once it has succeeded and that smallest L2 has not
     improved for ``cw_patience`` iterations (0: the first success, like the other rules).
 
@@ -62,6 +62,9 @@ class AttackConfig:
   cw_c: float = 0.1                # cw: initial weight of the distance hinge (x10 when stuck)
   cw_patience: int = 20            # cw: iterations without a smaller successful L2 before done
   objective: str = "ensemble"
+  # cw: iterations without success before c x10 (0: max(cw_patience, 10)); out of repr, which
+  # keys cached results (see ``config_repr``)
+  cw_escalate_every: int = dataclasses.field(default=0, repr=False)
 
   def validate(self):
     if self.method not in METHODS:
@@ -71,9 +74,37 @@ class AttackConfig:
     if self.max_iters < 1 or self.step_size <= 0 or self.epsilon <= 0 or self.restarts < 1:
       raise ValueError("max_iters >= 1, step_size > 0, epsilon > 0 and restarts >= 1 are required, "
                        f"got {self}")
-    if self.method == "cw" and (self.cw_lr <= 0 or self.cw_c <= 0 or self.cw_patience < 0):
-      raise ValueError(f"cw needs cw_lr > 0, cw_c > 0 and cw_patience >= 0, got {self}")
+    if self.method == "cw" and (self.cw_lr <= 0 or self.cw_c <= 0 or self.cw_patience < 0
+                                or self.cw_escalate_every < 0):
+      raise ValueError("cw needs cw_lr > 0, cw_c > 0, cw_patience >= 0 and cw_escalate_every >= 0, "
+                       f"got {self}")
     return self
+
+  @property
+  def escalate_every(self) -> int:
+    """CW: iterations without success after which c grows tenfold."""
+    return self.cw_escalate_every or max(self.cw_patience, 10)
+
+
+# Fields added after results were cached under keys made of ``dataclasses.asdict``: ``config_dict``
+# leaves them out at their default, so those keys (and every result stored under them) stay valid.
+_LATER_FIELDS = {"cw_escalate_every": 0}
+
+
+def config_dict(cfg: AttackConfig) -> dict:
+  """``dataclasses.asdict(cfg)`` for cache keys and records (see ``_LATER_FIELDS``)."""
+  d = dataclasses.asdict(cfg)
+  for k, default in _LATER_FIELDS.items():
+    if d[k] == default:
+      del d[k]
+  return d
+
+
+def config_repr(cfg: AttackConfig) -> str:
+  """``repr(cfg)`` (which leaves out ``_LATER_FIELDS``) and each later field not at its default:
+  the repr earlier results were cached under, for a config without later settings."""
+  extra = {k: v for k, v in config_dict(cfg).items() if k in _LATER_FIELDS}
+  return repr(cfg) + (f" {extra}" if extra else "")
 
 
 def _bcast(mask, x):
@@ -210,7 +241,7 @@ def _cw_iteration(losses, x_src, goal, cfg, x, done, iters, aux):
   since = jnp.where(better, 0, since + active.astype(jnp.int32))
   # No success for cw_patience iterations: the distance term weighs 10x more (in place of
   # Carlini and Wagner's search over c).
-  stuck = active & ~jnp.isfinite(best_l2) & (since > 0) & (since % max(cfg.cw_patience, 10) == 0)
+  stuck = active & ~jnp.isfinite(best_l2) & (since > 0) & (since % cfg.escalate_every == 0)
   c_w = jnp.where(stuck, c_w * 10.0, c_w)
   done = done | (jnp.isfinite(best_l2) & (since >= cfg.cw_patience))
   return x, done, iters, (w2, m2, v2, best_x, best_l2, since, c_w)
