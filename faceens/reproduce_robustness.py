@@ -306,9 +306,13 @@ def attack_run(model, pairs: dict, calibration_doc: dict, plan: RobustPlan, out_
   ``code``: ``provenance.record()`` taken when the process started (its commit is the code it
   loaded; the checkout may have moved on since), recorded with every attack it computes."""
   path = os.path.join(out_dir, "robustness.json")
+  diagnostics = plan.diagnostics(model.config.method, model.num_members, model.config.seed)
   key = {"plan": plan.as_dict(), "step": model.step, "pairs": pairs["names"],
          "operating_points": {f: p["threshold"]
-                              for f, p in calibration_doc["operating_points"].items()}}
+                              for f, p in calibration_doc["operating_points"].items()},
+         # the diagnostics' own settings (a change in how one is built reruns it)
+         "diagnostics": {k: [lots.config_dict(c), ref, limit]
+                         for k, (c, ref, limit) in diagnostics.items()}}
   if os.path.isfile(path):
     with open(path) as f:
       done = json.load(f)
@@ -325,7 +329,6 @@ def attack_run(model, pairs: dict, calibration_doc: dict, plan: RobustPlan, out_
   arrays, summary = {"clean_distance": d0}, {}
   code = code or provenance.record()
   commit = code["commit"] or "unknown"
-  diagnostics = plan.diagnostics(model.config.method, model.num_members, model.config.seed)
   for far, point in calibration_doc["operating_points"].items():
     goal = float(point["threshold"])
     pre = d0 < goal

@@ -243,6 +243,19 @@ def test_attack_results_are_cached_resumed_and_reused(run_dir, tmp_path, monkeyp
                         str(out), progress=False)
   # (a changed check patience reruns that diagnostic alone)
   assert calls == [f"{model.config.method} FAR 0.1 cw:patience7"]
+  # A diagnostic built differently under the same plan settings is rerun too (its settings are
+  # part of the run's key), and only it.
+  calls.clear()
+  real_diag = rr.RobustPlan.diagnostics
+
+  def built_differently(self, *a):
+    out = real_diag(self, *a)
+    cfg, ref, limit = out["cw:patience7"]
+    return out | {"cw:patience7": (rr.dataclasses.replace(cfg, cw_lr=0.02), ref, limit)}
+  monkeypatch.setattr(rr.RobustPlan, "diagnostics", built_differently)
+  rr.attack_run(model, pairs, cal, rr.dataclasses.replace(diag, cw_check_patience=7), str(out),
+                progress=False)
+  assert calls == [f"{model.config.method} FAR 0.1 cw:patience7"]
   assert again["operating_points"]["0.1"]["diagnostics"]["ifgsm:members"] == \
       point["diagnostics"]["ifgsm:members"]
 
