@@ -641,8 +641,6 @@ def _diagnostic_table(groups: dict, far: str) -> list[str]:
     for r in groups[k]:
       point = (r["robustness"] or {}).get("operating_points", {}).get(far, {})
       for name, d in point.get("diagnostics", {}).items():
-        if "reference_l2_median" not in d:   # written by an earlier version: rewritten next pass
-          continue
         arr = r["robustness_arrays"]
         ok = arr[f"{far}/{name}/success"] & arr[f"{far}/{d['reference']}/success"]
         ratio = arr[f"{far}/{name}/l2"][ok] / arr[f"{far}/{d['reference']}/l2"][ok]
