@@ -616,15 +616,14 @@ def changes(groups: dict, plan: dict, cal: dict, pairs) -> list[str]:
 
 def _masking_note(groups: dict, far: str, pairs, budgets) -> list[str]:
   """What the L2 masking check's counts above 0 mean, with their largest value."""
-  counts = [v for rs in groups.values() for r in rs if r["robustness"]
-            for v in r["robustness"]["operating_points"][far].get(
-                "pgd_l2_breaks_missed_by_minimal_norm", {}).values()]
-  if not any(counts):
+  per_run = [list(r["robustness"]["operating_points"][far].get(
+      "pgd_l2_breaks_missed_by_minimal_norm", {}).values())
+      for rs in groups.values() for r in rs if r["robustness"]]
+  runs = sum(any(c) for c in per_run)
+  if not runs:
     return []
-  runs = sum(1 for rs in groups.values() for r in rs if r["robustness"] and any(
-      r["robustness"]["operating_points"][far].get(
-          "pgd_l2_breaks_missed_by_minimal_norm", {}).values()))
-  return ["", f"Masking check: counts above 0 in {runs} runs, at most {max(counts)} of {pairs} "
+  return ["", f"Masking check: counts above 0 in {runs} runs, at most "
+          f"{max(max(c) for c in per_run if c)} of {pairs} "
           "pairs at a budget: on those pairs I-FGSM, CW and BIM missed an example that "
           "fixed-budget L2 PGD found. The worst case takes PGD's examples, so the medians and "
           f"the robust accuracy at L2 {' and '.join(f'{b:g}' for b in budgets)} count them; "
