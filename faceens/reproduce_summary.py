@@ -43,6 +43,11 @@ L2_MARGIN = 0.02          # L2 in [0, 1] pixels at 64x64x3 (one sign step of 1/2
 ACCURACY_MARGIN = 0.01    # one percentage point
 BOOTSTRAP = 2000
 ACC_BOOTSTRAP = 2000
+# Draws behind the family-wise check of the claims' robustness comparisons: the same stream as
+# the 95% intervals (whose first BOOTSTRAP draws they are), long enough that the Bonferroni tails
+# (0.05 / 2m of the draws, m about 30) hold more than a handful of draws each.
+FAMILY_BOOTSTRAP = 20000
+FAMILY_ALPHA = 0.05
 LABELS = {"single": "single", "baseline": "baseline", "adp": "ADP", "fdp": "FDP", "srv": "SRV",
           "srv_adp": "SRV+ADP", "srv_fdp": "SRV+FDP", "advt": "AdvT (m 0.6)"}
 ENSEMBLES = ("baseline", "adp", "fdp", "srv", "srv_adp")
@@ -83,14 +88,16 @@ def load_runs(out: str) -> list[dict]:
   return runs
 
 
-def _interval(stats: np.ndarray) -> tuple[float, float]:
-  """2.5% / 97.5% order statistics (inf-safe); nan, nan when any draw is undefined (inf - inf:
-  both sides' medians unbroken), which no verdict can rest on."""
+def _interval(stats: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
+  """The alpha/2 and 1 - alpha/2 order statistics (inf-safe; 2.5% / 97.5% by default); nan, nan
+  when any draw is undefined (inf - inf: both sides' medians unbroken), which no verdict can rest
+  on."""
   s = np.sort(np.asarray(stats, float))
   if np.isnan(s).any():
     return float("nan"), float("nan")
   n = len(s)
-  return float(s[int(0.025 * n)]), float(s[int(np.ceil(0.975 * n)) - 1])
+  return (float(s[min(int(alpha / 2 * n), n - 1)]),
+          float(s[max(int(np.ceil((1 - alpha / 2) * n)) - 1, 0)]))
 
 
 def _paired(a, b, what: str):
@@ -99,31 +106,43 @@ def _paired(a, b, what: str):
                      f"(got {len(a)} and {len(b)})")
 
 
-def robustness_difference(a: np.ndarray, b: np.ndarray, n: int = BOOTSTRAP, seed: int = 0) -> dict:
+def robustness_difference(a: np.ndarray, b: np.ndarray, n: int = BOOTSTRAP, seed: int = 0,
+                          keep: int = 0) -> dict:
   """``a``, ``b`` ``[S, P]``: per-pair worst-case L2 of two methods on the same pairs, row s of
   both from the same training seed (which fixes both runs' initial weights and batch order).
   Mean over seeds of the median over pairs, A - B, with the hierarchical bootstrap interval:
   the seeds resampled jointly (paired), then the pairs, shared by every seed and both sides;
-  ``per_seed``: each seed's own difference."""
+  ``per_seed``: each seed's own difference. ``keep`` > ``n``: ``draws`` holds the first ``keep``
+  draws of the same stream (the interval still comes from the first ``n``)."""
   a, b = np.asarray(a, float), np.asarray(b, float)
   _paired(a, b, "robustness_difference")
   if a.shape != b.shape:
     raise ValueError(f"robustness_difference: [seeds, pairs] {a.shape} vs {b.shape}")
 
   def stat(x):
-    return float(np.mean(np.median(x, axis=1)))
+    return np.mean(np.median(x, axis=-1), axis=-1)
   rng = np.random.default_rng(seed)
   s, p = a.shape
-  diffs = np.empty(n)
+  total = max(n, keep)
+  # One draw: seed rows si, then pair columns idx shared by every seed and both sides (drawn in
+  # this order, draw by draw, so a longer stream extends a shorter one).
+  si, idx = np.empty((total, s), int), np.empty((total, p), int)
+  for i in range(total):
+    si[i], idx[i] = rng.integers(0, s, s), rng.integers(0, p, p)
+  diffs = np.empty(total)
   with np.errstate(invalid="ignore"):
-    for i in range(n):
-      si, idx = rng.integers(0, s, s), rng.integers(0, p, p)
-      diffs[i] = stat(a[si][:, idx]) - stat(b[si][:, idx])
-    diff = stat(a) - stat(b)
+    for lo in range(0, total, 1000):
+      sl = slice(lo, lo + 1000)
+      rows, cols = si[sl][:, :, None], idx[sl][:, None, :]
+      diffs[sl] = stat(a[rows, cols]) - stat(b[rows, cols])
+    diff = float(stat(a) - stat(b))
     per_seed = np.median(a, axis=1) - np.median(b, axis=1)
-  lo, hi = _interval(diffs)
-  return {"difference": float(diff), "lo": lo, "hi": hi,
-          "per_seed": [float(v) for v in per_seed], "pairs": int(p)}
+  lo, hi = _interval(diffs[:n])
+  out = {"difference": diff, "lo": lo, "hi": hi,
+         "per_seed": [float(v) for v in per_seed], "pairs": int(p)}
+  if keep > n:
+    out["draws"] = diffs
+  return out
 
 
 def _fold_resamples(folds: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -213,10 +232,11 @@ def _worst(runs: list[dict], far: str, attack: str = "worst_case") -> np.ndarray
                                  a[f"{far}/pre_accepted"]) for a in arrays])
 
 
-def claims(groups: dict, far: str, attack: str = "worst_case") -> list[dict]:
+def claims(groups: dict, far: str, attack: str = "worst_case", keep: int = 0) -> list[dict]:
   """One entry per claim of the paper at operating point ``far``: the comparisons behind it,
   each with its verdict, and the paper's expectation; on the worst case over attacks (the
-  headline) or on one ``attack``'s minimal L2."""
+  headline) or on one ``attack``'s minimal L2. ``keep``: bootstrap draws kept per comparison
+  (``draws``, for ``family_wise``)."""
   # The seeds attacked so far; a comparison rests on the seeds both sides have ("seeds").
   have = {k: [r for r in v if r["robustness"]] for k, v in groups.items()}
 
@@ -224,7 +244,7 @@ def claims(groups: dict, far: str, attack: str = "worst_case") -> list[dict]:
     ra, rb, seeds = common_seeds(have.get(a, []), have.get(b, []))
     if not seeds:
       return None
-    d = robustness_difference(_worst(ra, far, attack), _worst(rb, far, attack))
+    d = robustness_difference(_worst(ra, far, attack), _worst(rb, far, attack), keep=keep)
     return {"a": a, "b": b, **d, "seeds": seeds, "verdict": robustness_verdict(d)}
   out = []
   for m in ("baseline", "adp", "fdp"):
@@ -248,10 +268,31 @@ def claims(groups: dict, far: str, attack: str = "worst_case") -> list[dict]:
   return out
 
 
-def _claim_verdict(c: dict) -> str:
-  """``supported`` / ``contradicted`` / ``cannot tell`` from the comparisons behind a claim;
-  ``incomplete`` while some are not run (unless one already contradicts it)."""
-  vs = [x["verdict"] for x in c["comparisons"]]
+def family_wise(claims_by_far: dict, alpha: float = FAMILY_ALPHA) -> dict:
+  """Bonferroni over every comparison behind the claims (``{far: claims(..., keep=...)}``, the
+  family: all claims at all operating points): each comparison gets ``family_wise`` (its
+  interval at 1 - alpha / m from its kept draws, and the verdict read from it) and each claim a
+  ``family_wise_verdict``; the draws are dropped. Returns ``{"comparisons": m, "alpha": alpha,
+  "draws": ...}``."""
+  comps = [x for cs in claims_by_far.values() for c in cs for x in c["comparisons"]]
+  m = len(comps)
+  draws = min((len(x["draws"]) for x in comps), default=0)
+  for x in comps:
+    lo, hi = _interval(x.pop("draws"), alpha / m)
+    x["family_wise"] = {"lo": lo, "hi": hi, "level": 1 - alpha / m,
+                        "verdict": robustness_verdict({"lo": lo, "hi": hi})}
+  for cs in claims_by_far.values():
+    for c in cs:
+      c["family_wise_verdict"] = _claim_verdict(
+          c, [x["family_wise"]["verdict"] for x in c["comparisons"]])
+  return {"comparisons": m, "alpha": alpha, "draws": draws}
+
+
+def _claim_verdict(c: dict, vs: list[str] | None = None) -> str:
+  """``supported`` / ``contradicted`` / ``cannot tell`` from the comparisons behind a claim (or
+  from the verdicts ``vs`` of those comparisons); ``incomplete`` while some are not run (unless
+  one already contradicts it)."""
+  vs = [x["verdict"] for x in c["comparisons"]] if vs is None else vs
   n, missing = len(vs) + c["comparisons_missing"], c["comparisons_missing"]
   if c["expects"] == "more robust":
     against = any(v == "less robust" or v.startswith("equivalent") for v in vs)
@@ -286,8 +327,9 @@ def write(out: str) -> str:
     results["methods"][key] = [_run_record(r) for r in rs]
   results["claims_by_attack"] = {}
   for far in fars:
-    results["claims"][far] = claims(groups, far)
+    results["claims"][far] = claims(groups, far, keep=FAMILY_BOOTSTRAP)
     results["claims_by_attack"][far] = {a: claims(groups, far, a) for a in ATTACK_VIEWS[1:]}
+  results["family_wise"] = family_wise(results["claims"])
   if "single" in groups:
     boot = bootstrap_accuracies(runs)
     for key, rs in sorted(groups.items()):
@@ -688,6 +730,16 @@ def _reading(results: dict, fars: list) -> str:
     text += (f" On {seeds} seeds, resampling seeds cannot reach beyond the seeds' own range, so "
              "an interval's seed part covers less than 95%: each comparison lists every seed's "
              "own difference.")
+  fw = results.get("family_wise")
+  if fw and fw["comparisons"]:
+    text += (f" Multiplicity: each interval is a 95% interval for its own comparison, and the "
+             f"claims rest on {fw['comparisons']} robustness comparisons (every operating point), "
+             "so a few significant verdicts could be chance. The column \"family-wise\" of each "
+             "claims table reads every comparison from its "
+             f"{1 - fw['alpha'] / fw['comparisons']:.2%} interval (Bonferroni over the "
+             f"{fw['comparisons']}, from {fw['draws']:,} draws of the same bootstrap), so that all "
+             f"of them hold together with {1 - fw['alpha']:.0%} confidence. Accuracy and transfer "
+             "comparisons are not adjusted.")
   return text
 
 
@@ -781,14 +833,18 @@ def _markdown(groups: dict, fars: list, results: dict, transfer: dict | None = N
                      f"{_seeds(x)})" for x in c["comparisons"]) or "not run yet"
       L.append(f"- **{c['verdict']}**: {c['claim']} (expects: {c['expects']}). {ev}")
     by = results["claims_by_attack"][far]
-    L += ["", "The same claims judged on one attack's L2 alone (a claim that holds for "
+    L += ["", "The same claims read family-wise (the worst case, every comparison at its "
+          "Bonferroni level: see how to read a verdict above), and judged on one attack's L2 "
+          "alone (a claim that holds for "
           "I-FGSM but not the worst case rests on a weak attack; BIM's is the L2 of its first "
           "accepted example inside its L_inf bound, and a pair it cannot break inside the bound "
           "counts as unbroken):", "",
-          "| claim | worst case | I-FGSM | CW | BIM |", "| --- | --- | --- | --- | --- |"]
+          "| claim | worst case | worst case, family-wise | I-FGSM | CW | BIM |",
+          "| --- | --- | --- | --- | --- | --- |"]
     for i, c in enumerate(results["claims"][far]):
-      L.append(f"| {c['claim']} | {c['verdict']} | {by['ifgsm'][i]['verdict']} | "
-               f"{by['cw'][i]['verdict']} | {by['bim'][i]['verdict']} |")
+      L.append(f"| {c['claim']} | {c['verdict']} | {c.get('family_wise_verdict', '-')} | "
+               f"{by['ifgsm'][i]['verdict']} | {by['cw'][i]['verdict']} | "
+               f"{by['bim'][i]['verdict']} |")
   if transfer:
     L += _transfer_markdown(transfer)
   cost = results["compute"]

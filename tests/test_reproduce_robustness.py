@@ -82,6 +82,32 @@ def test_hierarchical_bootstrap_by_hand():
     rs.robustness_difference(a, b)
 
 
+def test_family_wise_intervals_by_hand():
+  from faceens import reproduce_summary as rs
+  draws = np.arange(1000) / 1000
+  # Order statistics: 2.5% / 97.5% of 1000 draws are draws 25 and 974 (0-based).
+  assert rs._interval(draws) == (0.025, 0.974)
+  a = np.array([[0.0, 1.0, 2.0, 3.0, 4.0], [1.0, 1.5, 2.0, 5.0, 6.0]])
+  # Keeping more draws extends the same stream: the 95% interval is unchanged.
+  short = rs.robustness_difference(a, a[::-1], n=50)
+  long = rs.robustness_difference(a, a[::-1], n=50, keep=300)
+  assert (short["lo"], short["hi"]) == (long["lo"], long["hi"]) and len(long["draws"]) == 300
+  assert "draws" not in short
+  # Two comparisons: Bonferroni puts each at 1 - 0.05 / 2, tails of 1.25%: draws 12 and 987.
+  def claim(shift):
+    return [{"expects": "more robust", "comparisons_missing": 0,
+             "comparisons": [{"verdict": "more robust", "draws": draws + shift}]}]
+  by_far = {"0.01": claim(0.0), "0.001": claim(-0.02)}
+  assert rs.family_wise(by_far) == {"comparisons": 2, "alpha": 0.05, "draws": 1000}
+  x0, x1 = by_far["0.01"][0]["comparisons"][0], by_far["0.001"][0]["comparisons"][0]
+  assert "draws" not in x0 and x0["family_wise"]["level"] == 0.975
+  np.testing.assert_allclose([x0["family_wise"]["lo"], x0["family_wise"]["hi"]], [0.012, 0.987])
+  np.testing.assert_allclose([x1["family_wise"]["lo"], x1["family_wise"]["hi"]],
+                             [-0.008, 0.967])
+  assert by_far["0.01"][0]["family_wise_verdict"] == "supported"
+  assert by_far["0.001"][0]["family_wise_verdict"] == "cannot tell"
+
+
 def test_comparisons_pair_the_seeds_both_methods_have():
   from faceens import reproduce_summary as rs
   a = [{"seed": s, "run": f"a{s}"} for s in (2, 0, 1)]
