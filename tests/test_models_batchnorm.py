@@ -138,7 +138,7 @@ def _network_grads(impl, dtype, x, w, variables):
 
 def test_network_gradients_and_updates_agree_between_impls():
   """The test network (8 px-wide channels, 32 px) trained one step, Flax's BatchNorm against the
-  fused one: in float64 the same to 1e-7; in float32 no further from float64 than Flax's own."""
+  fused one: in float64 the same to 1e-7; in float32 both within float32 rounding of float64."""
   c = configs.experiment("arcface_srv_fdp", "test")
   rng = np.random.default_rng(1)
   x = rng.uniform(-1, 1, size=(8, 32, 32, 3))
@@ -151,26 +151,30 @@ def test_network_gradients_and_updates_agree_between_impls():
     fused64 = _network_grads("fused", jnp.float64, x, w, v)
   flax32 = _network_grads("flax", jnp.float32, x, w, v)
   fused32 = _network_grads("fused", jnp.float32, x, w, v)
-  # Scales and floors from the arithmetic, not from one machine's rounding:
-  # - a leaf's error is judged against the magnitude of what it is reduced from: a running mean
-  #   against its layer's standard deviation (sqrt of the running variance; a mean near 0 next to
-  #   inputs of spread 1 carries the inputs' rounding), any leaf at least against 1e-9 of the
-  #   tree's largest entry (leaves that are zero up to rounding: the bias of a BN whose output
-  #   feeds another BN);
-  # - float32 sums of n terms err by up to ~eps * sqrt(n) relative to their terms (random-walk
-  #   rounding), compounded through the network's conv layers: floor = eps * sqrt(n) * depth, with
-  #   n the longest reduction (the stem's output, 8 * 16 * 16 positions).
+  # Both implementations agree to 1e-7 in float64 (above): that is the correctness check. In
+  # float32 each must stay within the rounding the arithmetic allows, with a bound from the
+  # arithmetic, not from one machine's rounding (nor from the other implementation's error on it):
+  # - float32 sums of n terms err by up to ~eps * sqrt(n) relative to the size of their terms
+  #   (random-walk rounding), compounded through the network's layers: eps * sqrt(n) * depth, with
+  #   n the longest reduction (the stem's output, 8 * 16 * 16 positions);
+  # - the size of the terms: a gradient leaf is a sum of products whose parts cancel (a BN scale's
+  #   gradient sums x_hat * g over positions), so its own value can be far below its terms; the
+  #   largest gradient of the tree bounds them. A running mean is judged against its layer's
+  #   standard deviation (a mean near 0 next to inputs of spread 1 carries the inputs' rounding)
+  #   and any batch statistic against the largest of the tree of statistics.
   eps, n, depth = float(np.finfo(np.float32).eps), 8 * 16 * 16, 16
   floor = eps * np.sqrt(n) * depth
-  big = max(float(np.abs(leaf).max()) for leaf in jax.tree.leaves(ref))
+  grads_big, stats_big = (max(float(np.abs(leaf).max()) for leaf in jax.tree.leaves(t)) for t in ref)
+  big = max(grads_big, stats_big)
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(ref)]
   leaves = dict(zip(paths, jax.tree.leaves(ref)))
-  for path, r, a, b, f in zip(paths, *(jax.tree.leaves(t) for t in (ref, fused64, flax32, fused32))):
+  n_grads = len(jax.tree.leaves(ref[0]))
+  for i, (path, r, a, b, f) in enumerate(zip(paths, *(jax.tree.leaves(t) for t in
+                                                        (ref, fused64, flax32, fused32)))):
     np.testing.assert_allclose(a, r, rtol=1e-7, atol=1e-9 * big)
-    scale = max(float(np.abs(r).max()), 1e-6 * big)
+    scale = grads_big if i < n_grads else stats_big
     if path.endswith("['mean']"):
       scale = max(scale, float(np.sqrt(leaves[path[:-len("['mean']")] + "['var']"].max())))
-    flax_err = float(np.abs(b - r).max()) / scale
-    fused_err = float(np.abs(f - r).max()) / scale
-    # No further from float64 than Flax's own float32 result, up to the rounding floor.
-    assert fused_err <= 3 * flax_err + floor, (path, fused_err, flax_err, floor)
+    for name, got in (("flax", b), ("fused", f)):
+      err = float(np.abs(got - r).max()) / scale
+      assert err <= floor, (path, name, err, floor)
