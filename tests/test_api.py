@@ -27,10 +27,14 @@ def test_load_and_embed_inputs(model):
   # The ensemble embedding is the mean of the normalised member features (not renormalised).
   members = np.stack([model.embed(raw, member=k) for k in range(3)])
   np.testing.assert_allclose(np.linalg.norm(members, axis=-1), 1.0, rtol=1e-5)
-  np.testing.assert_allclose(e_raw, members.mean(0), atol=1e-6)
+  # Different compiled programs (the stack of 3 against each member alone) round differently: up
+  # to ~eps * sqrt(fan-in) per layer (random-walk rounding; the largest fan-in is the fc's 512),
+  # over ~20 layers, on unit-norm features.
+  net_atol = 20 * float(np.finfo(np.float32).eps) * np.sqrt(512)
+  np.testing.assert_allclose(e_raw, members.mean(0), atol=net_atol)
   assert not np.allclose(members[0], members[1], atol=1e-3)
   # member=k is member k's network alone: compare with the full stack's k-th output.
-  np.testing.assert_allclose(model.member_features(raw)[1], members[1], atol=1e-5)
+  np.testing.assert_allclose(model.member_features(raw)[1], members[1], atol=net_atol)
   # flip=True: normalise(E(x) + E(mirror x)).
   mirrored = fitted[:, :, ::-1]
   expected = verification.flip_embedding(e_raw, model.embed(mirrored))

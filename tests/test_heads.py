@@ -50,11 +50,16 @@ def test_cosines_per_member_and_srv():
   w_mem = np.asarray(heads.init_class_weights(jax.random.PRNGKey(0), 3, 8, 7, srv=False))
   chex.assert_shape(w_srv, (8, 7))  # SRV: exactly one [d, n] array for all members
   chex.assert_shape(w_mem, (3, 8, 7))
-  fn = f / np.linalg.norm(f, axis=-1, keepdims=True)
+  f64 = f.astype(np.float64)
+  fn = f64 / np.linalg.norm(f64, axis=-1, keepdims=True)
+  # Cosines of float32 unit vectors in d = 8: two normalisations and a dot of d terms, each term
+  # at most 1 in size, err by at most ~(d + 6) float32 eps (worst case, no cancellation needed).
+  atol = (8 + 6) * float(np.finfo(np.float32).eps)
+  w_srv64, w_mem64 = w_srv.astype(np.float64), w_mem.astype(np.float64)
   np.testing.assert_allclose(heads.cosines(f, w_srv),
-                             fn @ (w_srv / np.linalg.norm(w_srv, axis=0)), rtol=1e-5, atol=1e-6)
-  ref = np.stack([fn[k] @ (w_mem[k] / np.linalg.norm(w_mem[k], axis=0)) for k in range(3)])
-  np.testing.assert_allclose(heads.cosines(f, w_mem), ref, rtol=1e-5, atol=1e-6)
+                             fn @ (w_srv64 / np.linalg.norm(w_srv64, axis=0)), rtol=0, atol=atol)
+  ref = np.stack([fn[k] @ (w_mem64[k] / np.linalg.norm(w_mem64[k], axis=0)) for k in range(3)])
+  np.testing.assert_allclose(heads.cosines(f, w_mem), ref, rtol=0, atol=atol)
 
 
 def test_unknown_loss():

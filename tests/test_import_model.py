@@ -30,8 +30,9 @@ EPS32 = float(np.finfo(np.float32).eps)
 
 def _bound(depth: int, fan_in: int) -> float:
   """float32 rounding of a ``depth``-layer forward pass whose longest dot product has ``fan_in``
-  terms, relative to a unit-norm embedding: depth * eps * sqrt(fan_in)."""
-  return depth * EPS32 * np.sqrt(fan_in)
+  terms, relative to a unit-norm embedding: depth * eps * sqrt(fan_in) (random-walk rounding),
+  twice over, since both sides of a comparison (PyTorch's float32 and ours) carry it."""
+  return 2 * depth * EPS32 * np.sqrt(fan_in)
 
 
 def _torch_embedding(net, x):
@@ -295,7 +296,9 @@ def test_ensemble_of_different_architectures_and_transfer_between_imports(tmp_pa
   assert model.num_members == 3 and "mbf x2, r18 x1" in repr(model)
   x = np.random.default_rng(2).random((2, 112, 112, 3), dtype=np.float32)
   ref_m, ref_r = _torch_embedding(mbf, x), _torch_embedding(r18, x)
-  bound = _bound(30, 64 * 49)
+  # The deeper of the two networks (the MobileFaceNet, 30 layers, fan-in 512) and the widest
+  # reduction (the r18's fc over 512 channels x 7 x 7), as in CASES.
+  bound = max(_bound(30, 512), _bound(20, 512 * 49))
   # E(x): the mean over all three members; they are numbered run by run (both mbf files first).
   assert doc["member_files"] == [os.path.abspath(p) for p in (mbf_path, mbf_path, r18_path)]
   assert np.abs(model.embed(x) - (2 * ref_m + ref_r) / 3).max() <= bound
