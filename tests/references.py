@@ -7,6 +7,14 @@ import numpy as np
 
 
 EPS = 1e-6
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def float32_rounding(depth: int, n: int) -> float:
+  """The float32 rounding of a ``depth``-layer computation whose longest reduction has ``n``
+  terms, relative to the size of those terms: depth * eps * sqrt(n) (random-walk rounding, each
+  layer compounding it)."""
+  return depth * EPS32 * np.sqrt(n)
 
 
 def np_fdp(f, gamma, eps=EPS):

@@ -8,6 +8,7 @@ import faceens
 from faceens import verification
 from faceens.data.image_folder import fit_image
 from tests.builders import orl_face
+from tests.references import float32_rounding
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def test_load_and_embed_inputs(model):
   # Different compiled programs (the stack of 3 against each member alone) round differently: up
   # to ~eps * sqrt(fan-in) per layer (random-walk rounding; the largest fan-in is the fc's 512),
   # over ~20 layers, on unit-norm features.
-  net_atol = 20 * float(np.finfo(np.float32).eps) * np.sqrt(512)
+  net_atol = float32_rounding(20, 512)
   np.testing.assert_allclose(e_raw, members.mean(0), atol=net_atol)
   assert not np.allclose(members[0], members[1], atol=1e-3)
   # member=k is member k's network alone: compare with the full stack's k-th output.

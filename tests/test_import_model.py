@@ -24,15 +24,14 @@ from faceens import import_model  # noqa: E402
 from tests import torch_backbones as tb  # noqa: E402
 from tests.builders import ORL, REPO  # noqa: E402
 from tests.conftest import subprocess_env  # noqa: E402
-
-EPS32 = float(np.finfo(np.float32).eps)
+from tests.references import float32_rounding  # noqa: E402
 
 
 def _bound(depth: int, fan_in: int) -> float:
   """float32 rounding of a ``depth``-layer forward pass whose longest dot product has ``fan_in``
   terms, relative to a unit-norm embedding: depth * eps * sqrt(fan_in) (random-walk rounding),
   twice over, since both sides of a comparison (PyTorch's float32 and ours) carry it."""
-  return 2 * depth * EPS32 * np.sqrt(fan_in)
+  return 2 * float32_rounding(depth, fan_in)
 
 
 def _torch_embedding(net, x):

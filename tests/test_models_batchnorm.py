@@ -11,6 +11,7 @@ import pytest
 from faceens import configs, models
 from faceens.models import batchnorm, ensemble
 from faceens.models.mobilefacenet import PReLU
+from tests.references import float32_rounding
 
 EPS = 1e-5
 
@@ -173,8 +174,7 @@ def test_network_gradients_and_updates_agree_between_impls():
   #   largest gradient of the tree bounds them. A running mean is judged against its layer's
   #   standard deviation (a mean near 0 next to inputs of spread 1 carries the inputs' rounding)
   #   and any batch statistic against the largest of the tree of statistics.
-  eps, n, depth = float(np.finfo(np.float32).eps), 8 * 16 * 16, 16
-  floor = eps * np.sqrt(n) * depth
+  floor = float32_rounding(16, 8 * 16 * 16)
   grads_big, stats_big = (max(float(np.abs(leaf).max()) for leaf in jax.tree.leaves(t)) for t in ref)
   big = max(grads_big, stats_big)
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(ref)]

@@ -7,7 +7,7 @@ import pytest
 
 from faceens import configs, models
 from faceens.models import ensemble, pointwise
-from tests.references import numpy_conv, numpy_conv_grads
+from tests.references import float32_rounding, numpy_conv, numpy_conv_grads
 
 
 def test_dot_vjp_matches_dot_and_numpy_forward_and_gradients():
@@ -96,7 +96,7 @@ def test_network_gradients_agree_between_impls():
   # stem's 4 * 16 * 16 positions, compounded through the layers), as in
   # tests/test_models_batchnorm.py.
   big = max(float(np.abs(g).max()) for g in ref)
-  floor = float(np.finfo(np.float32).eps) * np.sqrt(4 * 16 * 16) * 16
+  floor = float32_rounding(16, 4 * 16 * 16)
   for r, a in zip(ref, vjp64):
     np.testing.assert_allclose(a, r, rtol=1e-7, atol=1e-9 * big)
   for impl in ("dot", "dot_vjp"):

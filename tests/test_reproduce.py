@@ -12,6 +12,7 @@ from faceens import attack, provenance, reproduce_attacks, reproduce_report, ver
 from faceens.attacks import lots
 from tests.builders import make_lfw
 from tests.conftest import FAST_COMPILE_ENV, subprocess_env
+from tests.references import float32_rounding
 
 
 # 10 person-disjoint folds of one same-person and one different-person pair each: people P00-P09
@@ -25,8 +26,7 @@ def _distance_margin(model) -> float:
   """How far a feature distance of ``model`` can move between two passes (other batch sizes,
   another process): each unit-norm embedding by float32 rounding, ~eps * sqrt(fan-in) per layer
   (random walk; fan-in at most the fc's 512) over ~20 layers, per component, on both sides."""
-  per_component = 20 * float(np.finfo(np.float32).eps) * np.sqrt(512)
-  return 2 * np.sqrt(model.embedding_dim) * per_component
+  return 2 * np.sqrt(model.embedding_dim) * float32_rounding(20, 512)
 
 
 def _run(args, cwd):

@@ -17,6 +17,7 @@ from faceens import api, configs, heads, models, train
 from faceens.data import demo, image_folder, pack_bin, pack_rec
 from tests.builders import EXPERIMENTS, load_experiment, make_lfw, ORL, PAIRS4, PEOPLE4, REPO
 from tests.conftest import run_on_simulated_devices
+from tests.references import float32_rounding
 
 
 STEP_COSFACE = ("single", "srv_fdp")  # CosFace configs that also run a training step
@@ -156,7 +157,7 @@ def test_four_simulated_devices_equal_one(tmp_path):
   # relative to unit-norm features and to each leaf's update; the loss sees it through the
   # logits' scale s.
   eps = float(np.finfo(np.float32).eps)
-  rel = 20 * eps * np.sqrt(8 * 16 * 16)
+  rel = float32_rounding(20, 8 * 16 * 16)
   np.testing.assert_allclose(outs[4]["loss"], outs[1]["loss"], rtol=0, atol=64.0 * rel)
   keys = [k for k in outs[1].files if k.startswith("arr_")]
   assert len(keys) > 10
