@@ -1,6 +1,7 @@
 """faceens.reproduce_robustness: worst case over attacks and robust accuracy, by hand."""
 
 import os
+import types
 
 import numpy as np
 import pytest
@@ -376,13 +377,22 @@ def test_stage_takes_free_runs_first_then_waits_for_held_ones(tmp_path, monkeypa
     # open file description of this process is refused like another process would be).
     assert rr.claim(str(locks[out])) is None and "commit" in code   # the process-start record
     attacked.append(out)
+  released = []
   monkeypatch.setattr(rr.api, "load", lambda w: Model())
   monkeypatch.setattr(rr, "attack_run", fake_attack)
-  holder = _hold(3.0, locks["a"])
+  monkeypatch.setattr(rr, "release_compiled", lambda: released.append(list(attacked)))
+  holder = _hold(600, locks["a"])
+  waits = []
+
+  def wait(seconds):  # the other process finishes while this one waits for it
+    waits.append(seconds)
+    holder.kill()
+    holder.wait()
+  monkeypatch.setattr(rr, "time", types.SimpleNamespace(sleep=wait))
   done = rr.robustness_all(suite, lambda r: r, lambda: ["a", "b"], lambda c: None,
                            lambda r: None, poll_seconds=0.2)
-  holder.wait()
-  assert attacked == ["b", "a"] and done == ["b", "a"]
+  assert attacked == ["b", "a"] and done == ["b", "a"] and waits == [0.2]
+  assert released == [["b"], ["b", "a"]]   # compiled programs dropped after each run
   assert "waiting for the other processes on a" in capsys.readouterr().out
   for p in locks.values():  # released
     fd = rr.claim(str(p))
@@ -397,8 +407,11 @@ def test_stage_releases_the_lock_when_an_attack_fails(tmp_path, monkeypatch):
   def fail(*a, **k):
     raise RuntimeError("attack failed")
   monkeypatch.setattr(rr.api, "load", fail)
+  released = []
+  monkeypatch.setattr(rr, "release_compiled", lambda: released.append(True))
   with pytest.raises(RuntimeError, match="attack failed"):
     rr.robustness_all(suite, lambda r: r, lambda: ["a"], None, None)
+  assert released == [True]
   fd = rr.claim(str(tmp_path / "a" / "suite_robustness" / "stage.lock"))
   assert fd is not None
   os.close(fd)
