@@ -25,6 +25,45 @@ def test_worst_case_and_robust_accuracy_hand_computed():
   assert rr.robust_accuracy_l2(worst, [0.3, 0.5, 1.0]) == [0.5, 0.5, 0.25]
   # L_inf 1/255: only the clean pair broken; 2/255: + pair 0 (I-FGSM); 5/255: + pair 1 (CW).
   assert rr.robust_accuracy_linf(per_attack, pre, [1 / 255, 2 / 255, 5 / 255]) == [0.75, 0.5, 0.25]
+  np.testing.assert_array_equal(rr.worst_case_linf(per_attack, pre), [2 / 255, 5 / 255, inf, 0])
+
+
+def _budget_run(seed, per_attack, pre, diagnostic=None):
+  """A stored run as ``reproduce_summary`` loads it, at FAR 0.01: its attacks' arrays, the
+  worst case, and a diagnostic that must not count."""
+  arrays = {"0.01/pre_accepted": pre, "0.01/worst_case_l2": rr.worst_case_l2(per_attack, pre)}
+  for name, r in (per_attack | (diagnostic or {})).items():
+    arrays |= {f"0.01/{name}/{k}": v for k, v in r.items()}
+  return {"seed": seed, "robustness_arrays": arrays,
+          "robustness": {"operating_points": {"0.01": {"attacks": dict.fromkeys(per_attack)}}}}
+
+
+def test_claims_on_robust_accuracy_at_a_budget_by_hand():
+  from faceens import reproduce_summary as rs
+  f = np.array([False] * 4)
+  pre = np.array([False, False, False, True])
+  single = {"ifgsm": {"l2": np.array([0.3, 0.6, 0.4, 0.0]), "linf": np.array([1, 3, 2, 0]) / 255,
+                      "success": ~pre}}
+  # SRV: pair 2 withstands everything; a diagnostic breaking every pair at L2 0.1 is ignored.
+  srv = {"ifgsm": {"l2": np.array([0.3, 0.6, 9.0, 0.0]), "linf": np.array([1, 3, 9, 0]) / 255,
+                   "success": np.array([True, True, False, False])}}
+  diag = {"ifgsm:members": {"l2": np.full(4, 0.1), "linf": np.full(4, 0.5 / 255),
+                            "success": ~f}}
+  runs = {"single": [_budget_run(0, single, pre)], "srv": [_budget_run(0, srv, pre, diag)]}
+  # Still rejected within L2 0.5: single pair 1 only; SRV pairs 1, 2 (its pair 3: clean).
+  l2 = rs._still_rejected(runs["srv"], "0.01", "l2", 0.5)
+  np.testing.assert_array_equal(l2, [[0, 1, 1, 0]])
+  # The same share the robustness stage reports: within L_inf 2/255, pairs 1 and 2 of SRV.
+  linf = rs._still_rejected(runs["srv"], "0.01", "linf", 2 / 255)
+  assert linf.mean() == rr.robust_accuracy_linf(srv, pre, [2 / 255])[0] == 0.5
+  # SRV - single at L2 0.5: +0.25 on its only seed; every resample of the 4 pairs gives 0 to 1.
+  for view in ("l2<=0.5", "linf<=2/255"):
+    c = rs.claims(runs, "0.01", view)[3]
+    assert c["claim"].startswith("SRV alone")
+    (x,) = c["comparisons"]
+    assert x["difference"] == 0.25 and x["per_seed"] == [0.25] and 0 <= x["lo"] <= x["hi"] <= 1
+  with pytest.raises(ValueError, match="over_pairs"):
+    rs.robustness_difference(l2, l2, over_pairs="max")
 
 
 def test_pgd_breaks_missed_by_minimal_norm_by_hand():
