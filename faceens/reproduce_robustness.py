@@ -154,7 +154,8 @@ FIELDS = ("l2", "linf", "success", "iterations", "distance")
 L2_RTOL = 1e-5
 # And L_inf <= b + LINF_ATOL: projecting onto x +- b rounds once, at most half an ulp of 1 + b
 # (6e-8 for pixels in [0, 1] and b < 1), and the difference back to x adds at most half an ulp of
-# b; measured on the stored LFW suite, no example of the k/255 attacks lies in (b, b + 1e-5].
+# b. On the stored LFW suite, thousands of the k/255 attacks' examples measure in (b, b + 1e-7]
+# and none in (b + 1e-7, b + 1e-4].
 LINF_ATOL = 1e-7
 
 
