@@ -152,11 +152,14 @@ FIELDS = ("l2", "linf", "success", "iterations", "distance")
 # float32 rounding of its norm (summation over the pixels, the projection's scale, the re-measured
 # norm: a few 1e-7 relative), so "within b" means L2 <= b (1 + L2_RTOL).
 L2_RTOL = 1e-5
-# And L_inf <= b + LINF_ATOL: projecting onto x +- b rounds once, at most half an ulp of 1 + b
-# (6e-8 for pixels in [0, 1] and b < 1), and the difference back to x adds at most half an ulp of
-# b. On the stored LFW suite, thousands of the k/255 attacks' examples measure in (b, b + 1e-7]
-# and none in (b + 1e-7, b + 1e-4].
-LINF_ATOL = 1e-7
+# And L_inf <= b (1 + LINF_RTOL). I-FGSM never projects: it reaches b after n = b / s sign steps
+# of s, each addition rounding by less than 6e-8 (an ulp of a pixel in [0, 1)) and, near 1, in
+# the same direction every step, so an example on the budget measures up to b (1 + 6e-8 / s):
+# b (1 + 6.1e-4) at the plan's s = 1/10200 (on the stored LFW suite, thousands of I-FGSM
+# examples measure above n s, by up to 1.06e-4 relative, as the walk in the test does).
+# Projected attacks (PGD, BIM) are off by half an ulp at most. The next grid point, b + s, stays
+# outside for every L_inf budget below s / LINF_RTOL = 25/255 at that step.
+LINF_RTOL = 1e-3
 
 
 def _one_attack(model, x_src, emb_t, goal, cfg, plan: RobustPlan, seed: int, progress, desc):
@@ -211,7 +214,7 @@ def worst_case_linf(per_attack: dict, pre_accepted) -> np.ndarray:
 def robust_accuracy_linf(per_attack: dict, pre_accepted, budgets) -> list[float]:
   """Share of the pairs with no successful example of L_inf <= budget (any attack)."""
   worst = worst_case_linf(per_attack, pre_accepted)
-  return [float(np.mean(worst > b + LINF_ATOL)) for b in budgets]
+  return [float(np.mean(worst > b * (1 + LINF_RTOL))) for b in budgets]
 
 
 def _attack_key(cfg, plan: RobustPlan, name: str, step: int, pairs: list, goal: float,
@@ -285,11 +288,32 @@ def _missed(per_attack: dict, pre, budgets, pgd_name, norm: str) -> dict:
   for b, label in budgets:
     by_pgd = per_attack[pgd_name(b)]["success"]
     by_minimal = np.zeros(len(pre), bool)
-    slack = b * L2_RTOL if norm == "l2" else LINF_ATOL
+    slack = b * (L2_RTOL if norm == "l2" else LINF_RTOL)
     for r in minimal.values():
       by_minimal |= r["success"] & (r[norm] <= b + slack)
     out[label] = int(np.sum(by_pgd & ~by_minimal & ~pre))
   return out
+
+
+def derived(per_attack: dict, pre, plan: dict) -> dict:
+  """What an operating point's summary derives from its attacks' per-pair arrays (``{name: {"l2",
+  "linf", "success"}}``, diagnostics left out) under ``plan``'s budgets (``RobustPlan.as_dict``):
+  the worst-case median, robust accuracy under L2 and L_inf budgets, and the masking checks. The
+  report recomputes it from the stored arrays, so every run is read under the current rule."""
+  worst = worst_case_l2(per_attack, pre)
+  return {
+      "worst_case_l2_median": float(np.median(worst)),
+      "robust_accuracy_l2": dict(zip([f"{b:g}" for b in plan["l2_budgets"]],
+                                     robust_accuracy_l2(worst, plan["l2_budgets"]))),
+      "robust_accuracy_linf": dict(zip([f"{b * 255:g}/255" for b in plan["linf_budgets"]],
+                                       robust_accuracy_linf(per_attack, pre,
+                                                            plan["linf_budgets"]))),
+      "pgd_breaks_missed_by_minimal_norm": _missed(
+          per_attack, pre, [(b, f"{b * 255:g}/255") for b in plan["pgd_budgets"]],
+          lambda b: f"pgd_{b * 255:g}", "linf"),
+      "pgd_l2_breaks_missed_by_minimal_norm": _missed(
+          per_attack, pre, [(b, f"{b:g}") for b in plan["pgd_l2_budgets"]],
+          lambda b: f"pgd_l2_{b:g}", "l2")}
 
 
 def _against(diag: dict, per_attack: dict, todo, reference: str) -> dict:
@@ -397,22 +421,9 @@ def attack_run(model, pairs: dict, calibration_doc: dict, plan: RobustPlan, out_
       if progress:
         print(f"  FAR {far} {name}: success {entry['success_rate']}, median L2 "
               f"{entry['l2_median']}, {seconds:.0f} s", flush=True)
-    worst = worst_case_l2(per_attack, pre)
-    arrays[f"{far}/worst_case_l2"] = worst
+    arrays[f"{far}/worst_case_l2"] = worst_case_l2(per_attack, pre)
     arrays[f"{far}/pre_accepted"] = pre
-    summary[far].update({
-        "worst_case_l2_median": float(np.median(worst)),
-        "robust_accuracy_l2": dict(zip([f"{b:g}" for b in plan.l2_budgets],
-                                       robust_accuracy_l2(worst, plan.l2_budgets))),
-        "robust_accuracy_linf": dict(zip([f"{b * 255:g}/255" for b in plan.linf_budgets],
-                                         robust_accuracy_linf(per_attack, pre,
-                                                              plan.linf_budgets))),
-        "pgd_breaks_missed_by_minimal_norm": _missed(
-            per_attack, pre, [(b, f"{b * 255:g}/255") for b in plan.pgd_budgets],
-            lambda b: f"pgd_{b * 255:g}", "linf"),
-        "pgd_l2_breaks_missed_by_minimal_norm": _missed(
-            per_attack, pre, [(b, f"{b:g}") for b in plan.pgd_l2_budgets],
-            lambda b: f"pgd_l2_{b:g}", "l2")})
+    summary[far].update(derived(per_attack, pre, plan.as_dict()))
   tmp = os.path.join(out_dir, "robustness.tmp.npz")
   np.savez_compressed(tmp, **arrays)
   os.replace(tmp, os.path.join(out_dir, "robustness.npz"))

@@ -28,6 +28,33 @@ def test_worst_case_and_robust_accuracy_hand_computed():
   np.testing.assert_array_equal(rr.worst_case_linf(per_attack, pre), [2 / 255, 5 / 255, inf, 0])
 
 
+def test_budget_tolerances_follow_the_rounding_of_a_step_walk():
+  plan = rr.RobustPlan()
+  s = np.float32(plan.step_size)
+  for b in plan.linf_budgets:
+    # I-FGSM reaches b after n sign steps, summed in float32 from a pixel near 1 (the largest
+    # rounding): it measures b up to the accumulated rounding, within the tolerance...
+    x = np.float32(1.0) - np.float32(b) - np.float32(1e-3)
+    adv = x
+    for _ in range(int(round(b / plan.step_size))):
+      adv = np.float32(adv + s)
+    walked = float(np.float64(adv) - np.float64(x))
+    pre = np.array([False])
+    on = {"ifgsm": {"linf": np.array([walked]), "success": np.array([True])}}
+    assert rr.robust_accuracy_linf(on, pre, [b]) == [0.0], (b * 255, walked - b)
+    # ...while one step further stays outside.
+    beyond = {"ifgsm": {"linf": np.array([walked + plan.step_size]), "success": np.array([True])}}
+    assert rr.robust_accuracy_linf(beyond, pre, [b]) == [1.0]
+  # L2: an example projected onto the ball of radius b, measured in float32.
+  rng = np.random.default_rng(0)
+  d = rng.normal(size=64 * 64 * 3).astype(np.float32)
+  for b in plan.l2_budgets:
+    proj = (d * np.float32(b / np.linalg.norm(d.astype(np.float64)))).astype(np.float32)
+    measured = float(np.linalg.norm(proj))
+    assert rr.robust_accuracy_l2(np.array([measured]), [b]) == [0.0]
+    assert rr.robust_accuracy_l2(np.array([b * 1.001]), [b]) == [1.0]
+
+
 def _budget_run(seed, per_attack, pre, diagnostic=None):
   """A stored run as ``reproduce_summary`` loads it, at FAR 0.01: its attacks' arrays, the
   worst case, and a diagnostic that must not count."""
@@ -36,6 +63,31 @@ def _budget_run(seed, per_attack, pre, diagnostic=None):
     arrays |= {f"0.01/{name}/{k}": v for k, v in r.items()}
   return {"seed": seed, "robustness_arrays": arrays,
           "robustness": {"operating_points": {"0.01": {"attacks": dict.fromkeys(per_attack)}}}}
+
+
+def test_report_rereads_stored_runs_under_the_current_rule(tmp_path):
+  import json
+  from faceens import reproduce_summary as rs
+  plan = rr.RobustPlan(pgd_budgets=(), pgd_l2_budgets=()).as_dict()   # I-FGSM alone
+  # One I-FGSM example 2/255 + 8e-7 (80 float32 steps from a pixel near 1): within 2/255 by the
+  # current rule; the stored summary, written under an older rule, says the pair held.
+  linf = np.array([2 / 255 + 8e-7, 9 / 255])
+  arrays = {"0.01/pre_accepted": np.array([False, False]),
+            "0.01/ifgsm/l2": np.array([0.4, 0.9]), "0.01/ifgsm/linf": linf,
+            "0.01/ifgsm/success": np.array([True, True])}
+  arrays["0.01/worst_case_l2"] = arrays["0.01/ifgsm/l2"]
+  stale = {"attacks": {"ifgsm": {}}, "robust_accuracy_linf": {"2/255": 1.0}}
+  d = tmp_path / "per_run" / "m_s0"
+  d.mkdir(parents=True)
+  (d / "run.json").write_text(json.dumps({"run": "m_s0", "seed": 0}))
+  np.savez(d / "test_pairs.npz", labels=np.array([0]))
+  (d / "robustness.json").write_text(json.dumps(
+      {"key": {"plan": plan}, "operating_points": {"0.01": stale}}))
+  np.savez(d / "robustness.npz", **arrays)
+  (run,) = rs.load_runs(str(tmp_path))
+  op = run["robustness"]["operating_points"]["0.01"]
+  assert op["robust_accuracy_linf"]["2/255"] == 0.5 and op["robust_accuracy_linf"]["8/255"] == 0.5
+  assert op["worst_case_l2_median"] == 0.65 and op["robust_accuracy_l2"]["0.05"] == 1.0
 
 
 def test_claims_on_robust_accuracy_at_a_budget_by_hand():
@@ -428,8 +480,12 @@ def test_stage_takes_free_runs_first_then_waits_for_held_ones(tmp_path, monkeypa
     holder.kill()
     holder.wait()
   monkeypatch.setattr(rr, "time", types.SimpleNamespace(sleep=wait))
-  done = rr.robustness_all(suite, lambda r: r, lambda: ["a", "b"], lambda c: None,
-                           lambda r: None, poll_seconds=0.2)
+  try:
+    done = rr.robustness_all(suite, lambda r: r, lambda: ["a", "b"], lambda c: None,
+                             lambda r: None, poll_seconds=0.2)
+  finally:
+    holder.kill()
+    holder.wait()
   assert attacked == ["b", "a"] and done == ["b", "a"] and waits == [0.2]
   assert released == [["b"], ["b", "a"]]   # compiled programs dropped after each run
   assert "waiting for the other processes on a" in capsys.readouterr().out
