@@ -60,15 +60,20 @@ def test_probe_smoke_runs_every_row(tmp_path):
   rows = {(s["workload"], s["depthwise"], s["tuning"]): s for s in doc["steps"]}
   assert set(rows) == {(w, i, t) for w in ("train_k2_bf16", "attack_single")
                        for i in ("native", "fused")
-                       for t in ("autotune0", "autotune2", "autotune2_no_triton_gemm", "autotune4")}
+                       for t in ("autotune0", "autotune4", "autotune4_no_triton_gemm", "autotune2")}
   for s in rows.values():
     assert "error" not in s, s
-    assert s["step_s"] > 0 and s["compile_s"] > 0 and s["top_ops"]
+    assert s["step_s"] > 0 and s["compile_s"] > 0 and isinstance(s["top_ops"], list) and s["top_ops"]
+  # Untuned rows, then the layer table, then tuned rows (each after the first says so).
+  order = [s["tuning"] for s in doc["steps"]]
+  assert order[:4] == ["autotune0"] * 4 and "tuned_after" not in doc["steps"][4]
+  assert all(s["tuned_after"] for s in doc["steps"][5:])
   layers = doc["depthwise_layers"]
   # The smoke network (blocks 1,1,1,1): the stem's depthwise, then a stride-2 and a stride-1
   # layer per stage.
   assert [l["stride"] for l in layers] == [1, 2, 1, 2, 1, 2, 1]
   impls = ("native", "fused") + (("torch",) if doc["header"]["torch_device"] else ())
   for l in layers:
+    assert l["dtype"] == "bfloat16" and not any(k.endswith("_error") for k in l), l
     assert all(l[f"{impl}_{p}_ms"] > 0 for impl in impls for p in ("fwd", "fwd_bwd"))
   assert set(doc["best"]) == {"train_k2_bf16", "attack_single"}
