@@ -927,7 +927,12 @@ def _markdown(groups: dict, fars: list, results: dict, transfer: dict | None = N
         f"{cost['robustness_runs']} runs; transfer crafting is not counted (per run in "
         "`results.json`, `compute`)."]
   L += ["", "Robust accuracy under an L2 budget b: the share of pairs whose worst-case L2 exceeds "
-        "b (an example of exactly b breaks the pair). `results.json` holds every run's config, provenance, "
+        f"b (an example of exactly b breaks the pair, up to {L2_RTOL:g} relative for the "
+        "rounding of its norm); under an L_inf budget b: the share with no example of L_inf <= "
+        f"b (1 + {LINF_RTOL:g}) from any attack (I-FGSM's float32 walk of sign steps lands up to "
+        "1.06e-4 relative above the budget it reaches; one step more, 1/10200, lies outside "
+        "at every budget here). Both are recomputed from the stored per-pair arrays under this rule for every run. "
+        "`results.json` holds every run's config, provenance, "
         "calibration, test-pair distances with labels and folds, and per attack and pair the "
         "L2, L_inf, success, iterations and final distance, and the worst case.", ""]
   return "\n".join(L)
