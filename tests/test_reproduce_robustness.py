@@ -315,6 +315,8 @@ def test_attack_results_are_cached_resumed_and_reused(run_dir, tmp_path, monkeyp
     return real(model, x_src, emb_t, goal, cfg, plan, seed, progress, desc)
 
   monkeypatch.setattr(rr, "_one_attack", counting)
+  released = []   # compiled programs dropped after every attack computed, none when reused
+  monkeypatch.setattr(rr, "release_compiled", lambda: released.append(calls[-1]))
   out = tmp_path / "out"
   out.mkdir()
   # ifgsm, cw, bim, then 2 PGD restarts: 5 calls; interrupted in the 4th (the first PGD restart).
@@ -326,8 +328,10 @@ def test_attack_results_are_cached_resumed_and_reused(run_dir, tmp_path, monkeyp
   assert len(calls) == 4 and not (out / "robustness.json").exists()
   calls.clear()
   fail_at = 0
+  released.clear()
   first = rr.attack_run(model, pairs, cal, plan, str(out), progress=False)
   assert [c.split()[-3] if "restart" in c else c.split()[-1] for c in calls] == ["pgd_4", "pgd_4"]
+  assert released == calls[-1:]
   # The plan gains fixed-budget L2 PGD; the cache is gone, robustness.npz holds the rest.
   import shutil
   shutil.rmtree(os.path.join(run_dir, "suite_robustness"))
@@ -340,7 +344,9 @@ def test_attack_results_are_cached_resumed_and_reused(run_dir, tmp_path, monkeyp
   assert set(second["operating_points"]["0.1"]["pgd_l2_breaks_missed_by_minimal_norm"]) == {"1"}
   # Done with the same plan: nothing runs at all.
   calls.clear()
+  released.clear()
   assert rr.attack_run(model, pairs, cal, base, str(out), progress=False) == second and not calls
+  assert not released
   # The plan gains the diagnostics (the model is an ensemble of seed 0): only they run, beside
   # the worst case; once the cache is gone they come back from robustness.npz too.
   diag = rr.dataclasses.replace(base, diagnostic_seeds=(0,))
