@@ -198,10 +198,16 @@ def worst_case_l2(per_attack: dict, pre_accepted) -> np.ndarray:
   return np.where(pre_accepted, 0.0, best)
 
 
+def still_rejected(worst: np.ndarray, budget: float, rtol: float) -> np.ndarray:
+  """Per pair: the worst case lies beyond ``budget`` (an example of the budget's size, up to
+  ``rtol`` relative, breaks the pair)."""
+  return np.asarray(worst) > budget * (1 + rtol)
+
+
 def robust_accuracy_l2(worst: np.ndarray, budgets) -> list[float]:
   """Share of the pairs still rejected under each L2 budget: worst-case L2 above the budget
-  (an example of the budget's size, up to ``L2_RTOL``, breaks the pair)."""
-  return [float(np.mean(worst > b * (1 + L2_RTOL))) for b in budgets]
+  (up to ``L2_RTOL``)."""
+  return [float(np.mean(still_rejected(worst, b, L2_RTOL))) for b in budgets]
 
 
 def worst_case_linf(per_attack: dict, pre_accepted) -> np.ndarray:
@@ -214,7 +220,7 @@ def worst_case_linf(per_attack: dict, pre_accepted) -> np.ndarray:
 def robust_accuracy_linf(per_attack: dict, pre_accepted, budgets) -> list[float]:
   """Share of the pairs with no successful example of L_inf <= budget (any attack)."""
   worst = worst_case_linf(per_attack, pre_accepted)
-  return [float(np.mean(worst > b * (1 + LINF_RTOL))) for b in budgets]
+  return [float(np.mean(still_rejected(worst, b, LINF_RTOL))) for b in budgets]
 
 
 def _attack_key(cfg, plan: RobustPlan, name: str, step: int, pairs: list, goal: float,

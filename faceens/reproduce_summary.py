@@ -35,7 +35,8 @@ import numpy as np
 
 from faceens import plot, provenance, verification
 from faceens.reproduce_robustness import (L2_RTOL, LINF_RTOL, RobustPlan, derived,
-                                          robust_accuracy_l2, worst_case_l2, worst_case_linf)
+                                          robust_accuracy_l2, still_rejected, worst_case_l2,
+                                          worst_case_linf)
 # (the rule applied to the stored numbers, so a report follows the current rule)
 from faceens.reproduce_transfer import verdict as transfer_verdict
 
@@ -93,11 +94,16 @@ def _rederive(run: dict) -> None:
   """Each operating point's summary recomputed from the run's stored per-pair arrays under the
   current rule (``reproduce_robustness.derived``, e.g. its budget tolerances) and the run's own
   plan, so runs attacked under an older rule are read like the rest."""
-  a, plan = run["robustness_arrays"], run["robustness"]["key"]["plan"]
   for far, op in run["robustness"]["operating_points"].items():
-    per_attack = {n: {k: a[f"{far}/{n}/{k}"] for k in ("l2", "linf", "success")}
-                  for n in op["attacks"]}
-    op.update(derived(per_attack, a[f"{far}/pre_accepted"], plan))
+    op.update(derived(_per_attack(run, far), run["robustness_arrays"][f"{far}/pre_accepted"],
+                      run["robustness"]["key"]["plan"]))
+
+
+def _per_attack(run: dict, far: str) -> dict:
+  """The stored per-pair arrays of the attacks counted for the worst case (no diagnostics)."""
+  a = run["robustness_arrays"]
+  return {n: {k: a[f"{far}/{n}/{k}"] for k in ("l2", "linf", "success")}
+          for n in run["robustness"]["operating_points"][far]["attacks"]}
 
 
 def _interval(stats: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
@@ -253,14 +259,12 @@ def _still_rejected(runs: list[dict], far: str, norm: str, budget: float) -> np.
   budget."""
   out = []
   for r in runs:
-    a = r["robustness_arrays"]
     if norm == "l2":
-      out.append(a[f"{far}/worst_case_l2"] > budget * (1 + L2_RTOL))
-      continue
-    names = r["robustness"]["operating_points"][far]["attacks"]
-    worst = worst_case_linf({n: {"linf": a[f"{far}/{n}/linf"], "success": a[f"{far}/{n}/success"]}
-                             for n in names}, a[f"{far}/pre_accepted"])
-    out.append(worst > budget * (1 + LINF_RTOL))
+      worst, rtol = r["robustness_arrays"][f"{far}/worst_case_l2"], L2_RTOL
+    else:
+      worst = worst_case_linf(_per_attack(r, far), r["robustness_arrays"][f"{far}/pre_accepted"])
+      rtol = LINF_RTOL
+    out.append(still_rejected(worst, budget, rtol))
   return np.stack(out).astype(float)
 
 
