@@ -294,9 +294,9 @@ def _missed(per_attack: dict, pre, budgets, pgd_name, norm: str) -> dict:
   for b, label in budgets:
     by_pgd = per_attack[pgd_name(b)]["success"]
     by_minimal = np.zeros(len(pre), bool)
-    slack = b * (L2_RTOL if norm == "l2" else LINF_RTOL)
+    rtol = L2_RTOL if norm == "l2" else LINF_RTOL
     for r in minimal.values():
-      by_minimal |= r["success"] & (r[norm] <= b + slack)
+      by_minimal |= r["success"] & ~still_rejected(r[norm], b, rtol)
     out[label] = int(np.sum(by_pgd & ~by_minimal & ~pre))
   return out
 
@@ -503,7 +503,6 @@ def robustness_all(suite, export_dir, trained_runs, pairs_for, calibration_for,
       time.sleep(poll_seconds)
       continue
     waiting = False
-    model = None
     try:
       if progress:
         print(f"robustness: {suite.run_name(run)}", flush=True)
