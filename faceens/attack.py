@@ -26,6 +26,7 @@ if __name__ == "__main__":  # before JAX: glibc reads its tunables at start (fac
   hostenv.reexec_with_hugepage_malloc()
 
 import dataclasses
+import gc
 import json
 import os
 import time
@@ -256,6 +257,8 @@ def run_compacted(model, x_src, targets, goal, cfg: lots.AttackConfig, *, x_init
   example gets the iterations, success and ``x_adv`` of one uninterrupted ``lots.attack`` loop.
 
   ``targets``: ``[N, d]`` target embeddings (``objective="ensemble"``) or ``[K, N, d]``.
+  Compiled programs stay cached for the process; see ``release_compiled`` when attacking many
+  models in one process.
   """
   cfg.validate()
   if cfg.restarts != 1:
@@ -307,6 +310,22 @@ def run_compacted(model, x_src, targets, goal, cfg: lots.AttackConfig, *, x_init
   return {"x_adv": x_adv, "success": dist < goal, "iterations": iters, "distance": dist,
           "l2": np.linalg.norm(delta, axis=1), "linf": np.abs(delta).max(axis=1), "goal": goal,
           "seconds": seconds, "compile_seconds": None}  # compilation is inside ``seconds``
+
+
+def release_compiled() -> None:
+  """Drops every compiled program (``jax.clear_caches()``) and the garbage that held on to them.
+
+  The attack loops take the model's ``apply`` and the attack's settings as static arguments, so
+  every model and every attack setting compiles its own programs (one per batch bucket, see
+  ``bucket_size``), and jit keeps them all for the life of the process. On XLA:CPU each program
+  holds its own memory mappings: a process attacking dozens of models with a dozen settings each
+  reached tens of thousands of mappings and died in LLVM ("Cannot allocate memory", "Unable to
+  allocate section memory") with RAM to spare, at the kernel's default limit of 65,530
+  (``vm.max_map_count``). A caller attacking many models in one process calls this between them
+  (``faceens.reproduce``'s stages do, after every attack); the next attack compiles again.
+  """
+  jax.clear_caches()
+  gc.collect()
 
 
 def _pad_index(idx: np.ndarray, size: int) -> np.ndarray:

@@ -55,7 +55,6 @@ settings did not change are also taken from an existing ``robustness.npz``.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import os
 import time
@@ -462,15 +461,11 @@ def claim(path: str) -> int | None:
 
 
 def release_compiled() -> None:
-  """Drops every compiled program and the garbage that held on to them. Each attack compiles
-  its own programs (the model and the attack's settings are static arguments, one program per
-  batch bucket), and on XLA:CPU every program holds its own memory mappings: a stage process
-  that kept them all reached 38,805 mappings in 40 minutes of transfer crafting, and one
-  attacking runs died in LLVM ("Cannot allocate memory", "Unable to allocate section memory")
-  with RAM to spare, at the kernel's default limit of 65,530 (``vm.max_map_count``). So the
-  stages call this after every attack they compute and after every run."""
-  jax.clear_caches()
-  gc.collect()
+  """``attack.release_compiled``: every compiled program dropped. Each attack compiles its own
+  programs, and a stage process that kept them all reached 38,805 memory mappings in 40 minutes
+  of transfer crafting (the kernel's default limit is 65,530), so the stages call this after
+  every attack they compute and after every run."""
+  attack.release_compiled()
 
 
 def robustness_all(suite, export_dir, trained_runs, pairs_for, calibration_for,

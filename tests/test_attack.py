@@ -113,3 +113,23 @@ def test_bad_config_errors():
     attack_cli.parse_methods("ifgsm,fgsm")
   assert attack_cli.parse_methods("cw,ifgsm:members") == [("cw", "cw", "ensemble"),
                                                            ("ifgsm_members", "ifgsm", "members")]
+
+
+def test_release_compiled_empties_the_attack_programs_and_the_next_attack_recompiles(
+    run_dir, fast_compile):
+  """Every model and attack setting compiles its own loop programs, kept for the process (on
+  XLA:CPU each holds memory mappings, limited per process): ``release_compiled`` drops them all,
+  and the same attack afterwards compiles again and gives the same examples."""
+  model = faceens.load(run_dir)
+  xs, xt = attack_faces(model, n=4, seed=5)
+  t = model.member_features(xt).mean(0)
+  goal = 0.7 * np.linalg.norm(model.embed(xs) - t, axis=1)
+  cfg = lots.AttackConfig(method="ifgsm", step_size=1 / 255, max_iters=8)
+  first = attack_cli.run_compacted(model, xs, t, goal, cfg, chunk=4, progress=False)
+  assert lots.chunk_jit._cache_size() >= 1 and lots.init_jit._cache_size() >= 1
+  attack_cli.release_compiled()
+  assert lots.chunk_jit._cache_size() == 0 and lots.init_jit._cache_size() == 0
+  again = attack_cli.run_compacted(model, xs, t, goal, cfg, chunk=4, progress=False)
+  assert lots.chunk_jit._cache_size() >= 1
+  for k in ("iterations", "success", "x_adv"):
+    np.testing.assert_array_equal(again[k], first[k])
