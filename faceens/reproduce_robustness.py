@@ -68,6 +68,7 @@ except ImportError:  # Windows: no flock; one process per stage
   fcntl = None
 
 from faceens import api, attack, provenance
+from faceens.attack import release_compiled  # after every computed attack and every run
 from faceens.attacks import lots
 from faceens.models import ensemble
 
@@ -458,14 +459,6 @@ def claim(path: str) -> int | None:
     os.close(fd)
     return None
   return fd
-
-
-def release_compiled() -> None:
-  """``attack.release_compiled``: every compiled program dropped. Each attack compiles its own
-  programs, and a stage process that kept them all reached 38,805 memory mappings in 40 minutes
-  of transfer crafting (the kernel's default limit is 65,530), so the stages call this after
-  every attack they compute and after every run."""
-  attack.release_compiled()
 
 
 def robustness_all(suite, export_dir, trained_runs, pairs_for, calibration_for,

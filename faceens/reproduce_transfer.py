@@ -44,8 +44,7 @@ import numpy as np
 from faceens import api, attack, provenance
 from faceens.attacks import lots
 from faceens.models import ensemble
-from faceens.reproduce_robustness import (SMOKE_ROBUST_PLAN, RobustPlan, _cached,
-                                          release_compiled)
+from faceens.reproduce_robustness import SMOKE_ROBUST_PLAN, RobustPlan, _cached
 
 BOOTSTRAP = 2000
 # Target pairs the claims compare: (A, B) reads "A resists transfer better than B" if A's rate is
@@ -68,7 +67,7 @@ def craft(model, pairs: dict, goal: float, plan: RobustPlan, cache: str, progres
     r = attack.run_compacted(model, x_src, emb_t, goal, cfg, chunk=plan.chunk,
                              max_batch=plan.batch_size, progress=progress,
                              desc=f"transfer source {model.config.method} d<{goal:.3f}")
-    release_compiled()
+    attack.release_compiled()
     return {"x_adv": np.asarray(r["x_adv"], np.float32), "success": np.asarray(r["success"])}
   return _cached(os.path.dirname(cache), os.path.splitext(os.path.basename(cache))[0], key,
                  compute)
@@ -127,7 +126,7 @@ def craft_budget(model, pairs: dict, cfg: lots.AttackConfig, plan: RobustPlan, c
                              max_batch=plan.batch_size, seed=0, progress=progress,
                              desc=f"transfer source {model.config.method} "
                                   f"L_inf {cfg.epsilon * 255:g}/255")
-    release_compiled()
+    attack.release_compiled()
     return {"x_adv": np.asarray(r["x_adv"], np.float32),
             "linf": np.asarray(r["linf"], np.float32), "iterations": np.asarray(r["iterations"])}
   return _cached(os.path.dirname(cache), os.path.splitext(os.path.basename(cache))[0], key,
