@@ -611,7 +611,7 @@ def _transfer_markdown(transfer: dict) -> list[str]:
     sources = list(cross["sources"])
     L += ["", "### Across seeds: sources of the second training seed, targets of the first", "",
           "Every source is another training run than every target, its own method included "
-          "(the diagonal: the same method retrained). Sources so far: "
+          "(the diagonal: the same method retrained). Sources: "
           + ", ".join(label(s) for s in sources) + "."]
     L += _transfer_section(sources, methods, cross,
                            lambda s: f"{label(s)} (seed {cross['source_seed']})")
@@ -673,7 +673,7 @@ def changes(groups: dict, plan: dict, cal: dict, pairs) -> list[str]:
       f"of {cal['n_impostor']:,} random different-person pairs of the test people (the attack "
       "pairs excluded).",
       "- **Seeds.** One training seed per method before, intervals over pairs only. Here up to "
-      f"{max(len(rs) for rs in groups.values())} seeds per method so far; a comparison rests on "
+      f"{max(len(rs) for rs in groups.values())} seeds per method; a comparison rests on "
       "the seeds both methods have, paired (one seed fixes both runs' initial weights and batch "
       "order), and its interval resamples those seeds, then pairs.",
       "- **Worst case.** I-FGSM alone before (CW needed about 0.74x its L2). Here the per-pair "
@@ -700,7 +700,7 @@ def changes(groups: dict, plan: dict, cal: dict, pairs) -> list[str]:
       "one seed. Here one set of common pairs, paired bootstrap intervals, fixed-budget "
       "examples, and sources from another training seed than their targets.",
       ("- **AdvT** at margin" + ("s " if len(margins) > 1 else " ")
-       + ", ".join(f"{m:g}" for m in margins) + " so far (only 0.6 before)." if margins else
+       + ", ".join(f"{m:g}" for m in margins) + " (only 0.6 before)." if margins else
        "- **AdvT**: not trained yet (the first report: margin 0.6 only)."),
       "- **Provenance**: `results.json` records per run the seed, resolved config, commit, "
       "library versions, calibration, test-pair and member distances, pair identities, and per "
@@ -834,8 +834,8 @@ def _markdown(groups: dict, fars: list, results: dict, transfer: dict | None = N
        "the first results, on review: seeds are compared paired (the seeds both methods have, "
        "resampled jointly; before, each method's seeds were resampled on their own), and the "
        "accuracy interval takes 2,000 draws (300 before, which left a verdict to Monte Carlo "
-       "noise). Runs so far: "
-       + ", ".join(f"{label(k)} x{len(groups[k])}" for k in keys) + "; attacked white-box so far: "
+       "noise). Runs: "
+       + ", ".join(f"{label(k)} x{len(groups[k])}" for k in keys) + "; attacked white-box: "
        + (", ".join(f"{label(k)} x{n}" for k in keys
                     if (n := sum(bool(r["robustness"]) for r in groups[k]))) or "none")
        + ". Model size: the `lfw` variant's MobileFaceNet at 64 px for every method."
@@ -923,7 +923,7 @@ def _markdown(groups: dict, fars: list, results: dict, transfer: dict | None = N
   if transfer:
     L += _transfer_markdown(transfer)
   cost = results["compute"]
-  L += ["", f"Compute so far, as each process recorded it on this 2-core CPU (training and attack "
+  L += ["", f"Compute, as each process recorded it on this 2-core CPU (training and attack "
         f"processes often ran at the same time, so the sum exceeds the elapsed time): training "
         f"{cost['train_total'] / 3600:.1f} h for {len(cost['per_run'])} runs"
         + (f" (at least: {cost['train_resumed_runs']} resumed runs count their last process "
