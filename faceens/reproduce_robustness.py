@@ -68,7 +68,6 @@ except ImportError:  # Windows: no flock; one process per stage
   fcntl = None
 
 from faceens import api, attack, provenance
-from faceens.attack import release_compiled  # after every computed attack and every run
 from faceens.attacks import lots
 from faceens.models import ensemble
 
@@ -396,7 +395,7 @@ def attack_run(model, pairs: dict, calibration_doc: dict, plan: RobustPlan, out_
         else:
           r = _one_attack(model, x_src[sub], targets, goal, cfg, plan, seed=0,
                           progress=progress, desc=desc)
-        release_compiled()   # this attack's programs (see ``release_compiled``)
+        attack.release_compiled()   # this attack's programs (see its docstring)
         full = {"l2": np.full(n, np.nan), "linf": np.full(n, np.nan),
                 "success": np.zeros(n, bool), "iterations": np.zeros(n, np.int64),
                 "distance": d0.copy()}
@@ -500,5 +499,5 @@ def robustness_all(suite, export_dir, trained_runs, pairs_for, calibration_for,
     finally:
       os.close(fd)
       model = None
-      release_compiled()
+      attack.release_compiled()
     done.append(run)

@@ -316,7 +316,7 @@ def test_attack_results_are_cached_resumed_and_reused(run_dir, tmp_path, monkeyp
 
   monkeypatch.setattr(rr, "_one_attack", counting)
   released = []   # compiled programs dropped after every attack computed, none when reused
-  monkeypatch.setattr(rr, "release_compiled", lambda: released.append(calls[-1]))
+  monkeypatch.setattr(rr.attack, "release_compiled", lambda: released.append(calls[-1]))
   out = tmp_path / "out"
   out.mkdir()
   # ifgsm, cw, bim, then 2 PGD restarts: 5 calls; interrupted in the 4th (the first PGD restart).
@@ -477,7 +477,7 @@ def test_stage_takes_free_runs_first_then_waits_for_held_ones(tmp_path, monkeypa
   released = []
   monkeypatch.setattr(rr.api, "load", lambda w: Model())
   monkeypatch.setattr(rr, "attack_run", fake_attack)
-  monkeypatch.setattr(rr, "release_compiled", lambda: released.append(list(attacked)))
+  monkeypatch.setattr(rr.attack, "release_compiled", lambda: released.append(list(attacked)))
   holder = _hold(600, locks["a"])
   waits = []
 
@@ -509,7 +509,7 @@ def test_stage_releases_the_lock_when_an_attack_fails(tmp_path, monkeypatch):
     raise RuntimeError("attack failed")
   monkeypatch.setattr(rr.api, "load", fail)
   released = []
-  monkeypatch.setattr(rr, "release_compiled", lambda: released.append(True))
+  monkeypatch.setattr(rr.attack, "release_compiled", lambda: released.append(True))
   with pytest.raises(RuntimeError, match="attack failed"):
     rr.robustness_all(suite, lambda r: r, lambda: ["a"], None, None)
   assert released == [True]
